@@ -1,0 +1,41 @@
+# tmlib: two commands do all the set-up on a fresh machine.
+#   make test       create the environment if needed, fetch the data, run the test suite (notebooks included)
+#   make reproduce  create the environment, fetch the data, train/cache models, run every notebook, write figures/
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROFILE ?= quick
+PYTEST_ARGS ?=
+
+.PHONY: env data test reproduce bench lint lock clean
+
+$(STAMP): pyproject.toml requirements-lock.txt
+	$(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade "pip==26.3"
+	$(PYTHON) -m pip install -c requirements-lock.txt -e '.[dev]'
+	touch $(STAMP)
+
+env: $(STAMP)
+
+data: env
+	$(PYTHON) -m tmlib.data fetch mnist
+
+test: env data
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+reproduce: env data
+	$(PYTHON) -m tmlib.reproduce --profile $(PROFILE)
+
+bench: env data
+	$(PYTHON) benchmarks/bench_engine.py
+
+lint: env
+	$(VENV)/bin/ruff check tmlib tests benchmarks
+
+lock: env
+	$(PYTHON) -m pip freeze --exclude-editable | sed '1i # Full pin set (pip freeze). Regenerate with `make lock`.' > requirements-lock.txt
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

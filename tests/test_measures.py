@@ -1,0 +1,292 @@
+"""The variance family against brute force and against properties it must have."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tmlib import activations, transforms as T
+from tmlib.measures import (
+    NonFiniteActivationError,
+    NormalizedVariance,
+    SampleVariance,
+    STMoments,
+    TransformationVariance,
+    evaluate,
+)
+from tmlib.measures.moments import numba_available
+from tmlib.results import MeasureResult
+
+BACKENDS = ["torch"] + (["numba"] if numba_available() else [])
+ALL = [TransformationVariance(mode=mo, stat=st) for mo in ("element", "channel") for st in ("std", "var")]
+ALL += [SampleVariance(mode=mo, stat=st) for mo in ("element", "channel") for st in ("std", "var")]
+ALL += [NormalizedVariance(mode=mo, stat=st) for mo in ("element", "channel") for st in ("std", "var")]
+
+
+def brute_force(st: np.ndarray, shape, mode, stat):
+    """st: [n, m, F] float64 ST tensor of one layer → TV, SV, NV computed directly."""
+    ddof_s = st.std(axis=1, ddof=1) if stat == "std" else st.var(axis=1, ddof=1)  # [n, F]
+    ddof_c = st.std(axis=0, ddof=1) if stat == "std" else st.var(axis=0, ddof=1)  # [m, F]
+    tv, sv = ddof_s.mean(axis=0).reshape(shape), ddof_c.mean(axis=0).reshape(shape)
+    if mode == "channel" and len(shape) >= 3:
+        tv = tv.reshape(-1, shape[-2] * shape[-1]).mean(1)
+        sv = sv.reshape(-1, shape[-2] * shape[-1]).mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        nv = np.where(sv > 0, tv / np.where(sv > 0, sv, 1), np.where(tv == 0, 1.0, np.inf))
+    return {"TV": tv, "SV": sv, "NV": nv}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_brute_force_on_full_st_tensor(small_cnn, backend):
+    torch.manual_seed(1)
+    x = torch.randn(12, 1, 8, 8)
+    ts = T.rotations(8)
+    results = evaluate(small_cnn, x, ts, ALL, batch_size=5, progress=False, backend=backend)
+    # The stored ST tensor: every layer's output for all 12×8 warped images at once.
+    outputs = activations.record(small_cnn, ts.apply(x).reshape(96, 1, 8, 8))
+    assert list(outputs) == results["TV[element,std]"].layer_names
+    for measure in ALL:
+        result = results[measure.name]
+        for layer, out in outputs.items():
+            st = out.double().reshape(12, 8, -1).numpy()
+            expected = brute_force(st, tuple(out.shape[1:]), measure.mode, measure.stat)[measure.short_name]
+            np.testing.assert_allclose(result[layer], expected, rtol=1e-6, atol=1e-12, err_msg=f"{measure.name} {layer}")
+
+
+def test_result_shapes_follow_the_contract(small_cnn):
+    r = evaluate(small_cnn, torch.randn(6, 1, 8, 8), T.rotations(4),
+                 [NormalizedVariance(), NormalizedVariance(mode="channel")], progress=False)
+    assert list(r) == ["NV[element,std]", "NV[channel,std]"]
+    assert r["NV[element,std]"]["0"].shape == (4, 8, 8)
+    assert r["NV[channel,std]"]["0"].shape == (4,)
+    assert r["NV[channel,std]"]["6"].shape == (5,)  # no spatial dims: channel = element
+    np.testing.assert_array_equal(r["NV[channel,std]"]["6"], r["NV[element,std]"]["6"])
+
+
+class CountingModel(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.images = 0
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return self.inner(x)
+
+
+def test_exactly_n_times_m_forwards_whatever_the_number_of_measures(small_cnn):
+    model = CountingModel(small_cnn)
+    x, ts = torch.randn(10, 1, 8, 8), T.rotations(6)
+    r = evaluate(model, x, ts, ALL, batch_size=3, progress=False)
+    assert model.images == 10 * 6
+    assert next(iter(r.values())).metadata["images_forwarded"] == 60
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_results_do_not_depend_on_batch_size(small_cnn, backend):
+    torch.manual_seed(2)
+    x, ts = torch.randn(13, 1, 8, 8), T.rotations(5)
+    ms = [TransformationVariance(), SampleVariance(), NormalizedVariance(mode="channel")]
+    runs = [evaluate(small_cnn, x, ts, ms, batch_size=bs, progress=False, backend=backend) for bs in (1, 4, 13)]
+    for name in runs[0]:
+        for layer in runs[0][name].layer_names:
+            for other in runs[1:]:
+                np.testing.assert_allclose(other[name][layer], runs[0][name][layer], rtol=1e-9, atol=0)
+
+
+def test_backends_agree(small_cnn):
+    if not numba_available():
+        pytest.skip("numba not installed")
+    x, ts = torch.randn(9, 1, 8, 8), T.rotations(4)
+    a = evaluate(small_cnn, x, ts, NormalizedVariance(), progress=False, backend="numba")
+    b = evaluate(small_cnn, x, ts, NormalizedVariance(), progress=False, backend="torch")
+    for layer in a["NV[element,std]"].layer_names:
+        np.testing.assert_allclose(a["NV[element,std]"][layer], b["NV[element,std]"][layer], rtol=1e-10)
+
+
+def test_states_merge_exactly():
+    torch.manual_seed(3)
+    rows = torch.randn(20, 6, 30) * 3 + 5
+    whole = STMoments(6, 30)
+    whole.update(rows)
+    left, right = STMoments(6, 30), STMoments(6, 30, backend="torch")
+    left.update(rows[:7])
+    right.update(rows[7:])
+    merged = left.merge(right)
+    np.testing.assert_allclose(merged.sample(), whole.sample(), rtol=1e-12)
+    np.testing.assert_allclose(merged.transformational(), whole.transformational(), rtol=1e-12)
+    np.testing.assert_allclose(merged.column_mean(), whole.column_mean(), rtol=1e-12)
+
+
+class Constant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x):
+        return torch.zeros(x.shape[0], 3, 2, 2) + self.bias
+
+
+def test_constant_output_reads_nv_one():
+    r = evaluate(Constant(), torch.randn(8, 1, 6, 6), T.rotations(4),
+                 [NormalizedVariance(), NormalizedVariance(mode="channel"), TransformationVariance()], progress=False)
+    assert np.all(r["NV[element,std]"]["Constant"] == 1.0)
+    assert np.all(r["NV[channel,std]"]["Constant"] == 1.0)
+    assert np.all(r["TV[element,std]"]["Constant"] == 0.0)
+
+
+class Noise(nn.Module):
+    """Ignores its input: fresh N(2, 3²) values for every image."""
+
+    def __init__(self):
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(0)
+
+    def forward(self, x):
+        return 2 + 3 * torch.randn(x.shape[0], 50, generator=self.gen)
+
+
+def test_pure_noise_reads_tv_sv_three_and_nv_one():
+    r = evaluate(Noise(), torch.randn(400, 1, 4, 4), T.rotations(25),
+                 [TransformationVariance(), SampleVariance(), NormalizedVariance()], progress=False)
+    layer = "Noise"
+    assert r["TV[element,std]"].layer_means()[layer] == pytest.approx(3.0, rel=0.02)
+    assert r["SV[element,std]"].layer_means()[layer] == pytest.approx(3.0, rel=0.02)
+    assert r["NV[element,std]"].layer_means()[layer] == pytest.approx(1.0, rel=0.02)
+
+
+class GlobalAverage(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+def test_invariant_by_construction_reads_nv_zero():
+    r = evaluate(GlobalAverage(), torch.randn(10, 3, 8, 8), T.c4(), NormalizedVariance(), progress=False)
+    values = r["NV[element,std]"]["GlobalAverage"]
+    assert values.shape == (3,)
+    assert np.all(np.abs(values) < 1e-7)
+
+
+def test_division_convention_and_finite_layer_means():
+    from tmlib.measures.variance import divide_nv
+
+    out = divide_nv(np.array([0.0, 1.0, 2.0]), np.array([0.0, 0.0, 4.0]))
+    assert out[0] == 1.0 and np.isinf(out[1]) and out[2] == 0.5
+    res = MeasureResult("NV", {"a": out})
+    assert res.layer_means()["a"] == pytest.approx(0.75)
+    assert res.nonfinite_counts()["a"] == 1
+
+
+def test_dataset_input_with_labels_and_fill(small_cnn):
+    class DS(torch.utils.data.Dataset):
+        fill = (-0.5,)
+        name = "toy"
+
+        def __init__(self):
+            self.x = torch.randn(7, 1, 8, 8)
+
+        def __len__(self):
+            return 7
+
+        def __getitem__(self, i):
+            return self.x[i], i % 2
+
+    ds = DS()
+    a = evaluate(small_cnn, ds, T.rotations(4), NormalizedVariance(), batch_size=3, progress=False)
+    b = evaluate(small_cnn, ds.x, T.rotations(4), NormalizedVariance(), fill=-0.5, progress=False)
+    res = a["NV[element,std]"]
+    assert res.metadata["dataset"] == "toy" and res.metadata["fill"] == [-0.5]
+    for layer in res.layer_names:
+        np.testing.assert_allclose(res[layer], b["NV[element,std]"][layer], rtol=1e-9)
+
+
+def test_layer_selection_and_call_names():
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), relu, nn.Conv2d(2, 2, 1), relu)
+    r = evaluate(model, torch.randn(4, 1, 6, 6), T.c4(), TransformationVariance(), progress=False)
+    assert r["TV[element,std]"].layer_names == ["0", "1", "2", "1#2"]
+    r = evaluate(model, torch.randn(4, 1, 6, 6), T.c4(), TransformationVariance(), layers=["1#2", "0"], progress=False)
+    assert r["TV[element,std]"].layer_names == ["0", "1#2"]
+
+
+def test_in_place_activation_does_not_corrupt_earlier_layer():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True))
+    x = torch.randn(30, 1, 2, 2)
+    flat = nn.Sequential(nn.Flatten(), model)
+    r = evaluate(flat, x, T.c4(), SampleVariance(), progress=False)["SV[element,std]"]
+    pre = model[0](T.c4().apply(x).reshape(-1, 4)).detach().double().reshape(30, 4, 6)
+    np.testing.assert_allclose(r["1.0"], pre.numpy().std(axis=0, ddof=1).mean(0), rtol=1e-6)
+    assert not np.allclose(r["1.0"], r["1.1"])
+
+
+def test_torchvision_resnet18_relu_called_twice():
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    names = []
+    with activations.observe(model, lambda n, o: names.append(n)):
+        model(torch.randn(1, 3, 32, 32))
+    assert "layer1.0.relu" in names and "layer1.0.relu#2" in names
+    assert names.index("layer1.0.relu") < names.index("layer1.0.bn2") < names.index("layer1.0.relu#2")
+    r = evaluate(model, torch.randn(2, 3, 32, 32), T.c4(), NormalizedVariance(mode="channel"),
+                 layers=["layer1.0.relu", "layer1.0.relu#2", "fc"], batch_size=1, progress=False)
+    assert r["NV[channel,std]"]["layer1.0.relu#2"].shape == (64,)
+
+
+def test_hooks_removed_even_after_exception(small_cnn):
+    class Boom(Exception):
+        pass
+
+    def callback(name, out):
+        raise Boom
+
+    with pytest.raises(Boom):
+        with activations.observe(small_cnn, callback):
+            small_cnn(torch.randn(1, 1, 8, 8))
+    assert all(len(m._forward_hooks) == 0 for m in small_cnn.modules())
+    assert len(small_cnn._forward_pre_hooks) == 0
+
+
+def test_bad_input_is_named(small_cnn):
+    nv = NormalizedVariance()
+    with pytest.raises(ValueError, match=r"x must be a tensor of shape \[n, C, H, W\]"):
+        evaluate(small_cnn, torch.randn(4, 8, 8), T.c4(), nv, progress=False)
+    with pytest.raises(ValueError, match="x: the dataset is empty"):
+        evaluate(small_cnn, torch.utils.data.TensorDataset(torch.empty(0, 1, 8, 8)), T.c4(), nv, progress=False)
+    with pytest.raises(ValueError, match="layers: unknown layer name 'conv9'"):
+        evaluate(small_cnn, torch.randn(4, 1, 8, 8), T.c4(), nv, layers=["conv9"], progress=False)
+    with pytest.raises(ValueError, match="ts: .*at least 2"):
+        evaluate(small_cnn, torch.randn(4, 1, 8, 8), T.identity(), nv, progress=False)
+    with pytest.raises(ValueError, match="device: the model's parameters are on cpu"):
+        evaluate(small_cnn, torch.randn(4, 1, 8, 8), T.c4(), nv, device="meta", progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(small_cnn, torch.randn(4, 1, 8, 8), T.c4(), nv, batch_size=0, progress=False)
+    with pytest.raises(TypeError, match="measures"):
+        evaluate(small_cnn, torch.randn(4, 1, 8, 8), T.c4(), ["NV"], progress=False)
+    with pytest.raises(ValueError, match="mode must be"):
+        NormalizedVariance(mode="pixel")
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        evaluate(small_cnn, torch.randn(1, 1, 8, 8), T.c4(), nv, progress=False)
+
+
+def test_nan_activations_are_reported_with_the_layer_name():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Softplus(), nn.Flatten())
+    with torch.no_grad():
+        model[0].bias[1] = float("nan")
+    with pytest.raises(NonFiniteActivationError, match="layer '0'"):
+        evaluate(model, torch.randn(4, 1, 6, 6), T.c4(), NormalizedVariance(), progress=False)
+
+
+def test_save_load_round_trip(tmp_path, small_cnn):
+    r = evaluate(small_cnn, torch.randn(5, 1, 8, 8), T.c4(), NormalizedVariance(mode="channel"),
+                 progress=False, metadata={"dataset": "toy"})["NV[channel,std]"]
+    path = r.save(tmp_path / "nv.npz")
+    back = MeasureResult.load(path)
+    assert back.layer_names == r.layer_names and back.measure == r.measure
+    for layer in r:
+        np.testing.assert_array_equal(back[layer], r[layer])
+    frame = back.to_frame()
+    assert list(frame.columns) == ["layer", "index", "depth", "value", "measure", "model", "dataset", "transformation"]
+    assert frame["dataset"].iloc[0] == "toy" and frame["depth"].iloc[-1] == 1.0
+    assert frame["value"].tolist() == pytest.approx(r.layer_means().tolist())
+    assert not list(tmp_path.glob(".*tmp"))

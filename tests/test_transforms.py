@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import torch
+
+from tmlib import transforms as T
+
+
+def test_degrees_converted_once():
+    assert T.degrees_to_radians(180) == pytest.approx(math.pi)
+    r = T.rotation_matrix(30)
+    assert r[0, 0].item() == pytest.approx(math.cos(math.pi / 6))
+
+
+def test_rotation_90_equals_rot90_and_c4():
+    x = torch.randn(3, 2, 8, 8)
+    r = T.rotations(4).apply(x)
+    assert r.shape == (3, 4, 2, 8, 8)
+    assert torch.allclose(r[:, 0], x)
+    for k in range(4):
+        assert torch.allclose(r[:, k], torch.rot90(x, k, dims=(2, 3)), atol=1e-5)
+        assert torch.equal(T.c4().apply(x)[:, k], torch.rot90(x, k, dims=(2, 3)))
+
+
+def test_paper_sets_sizes_and_parameters():
+    assert [len(T.paper_set(n)) for n in T.PAPER_SETS] == [25, 25, 25, 504]
+    rot = T.paper_set("rotation")
+    assert [p["degrees"] for p in rot.parameters][:3] == pytest.approx([0, 14.4, 28.8])
+    sc = T.paper_set("scale")
+    factors = {(p["sx"], p["sy"]) for p in sc.parameters}
+    assert (1.0, 1.0) in factors and (0.5, 0.5) in factors and (1.25, 1.0) in factors
+    assert min(min(f) for f in factors) == 0.5 and max(max(f) for f in factors) == 1.25
+    tr = T.paper_set("translation")
+    shifts = sorted({round(max(abs(p["tx"]), abs(p["ty"])), 6) for p in tr.parameters})
+    assert shifts == [0.0, 0.05, 0.1, 0.15]
+    with pytest.raises(ValueError, match="name"):
+        T.paper_set("shear")
+
+
+def test_translation_moves_content_by_fraction_of_size():
+    x = torch.zeros(1, 1, 20, 20)
+    x[0, 0, 10, 5] = 1.0
+    y = T.TransformationSet(T.translation_matrix(0.1, 0.0)[None]).apply(x)[0, 0, 0]
+    assert y[10, 7].item() == pytest.approx(1.0, abs=1e-5)  # 0.1 × 20 px = 2 px to the right
+
+
+def test_scale_about_centre():
+    x = torch.zeros(1, 1, 9, 9)
+    x[0, 0, 4, 4] = 1.0  # centre pixel stays where it is under any scaling
+    y = T.scales([2.0]).apply(x)[0, 0, 0]
+    assert y[4, 4].item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_inverse_is_exact_for_combined():
+    ts = T.combined()
+    prod = ts.inverse().matrices @ ts.matrices
+    assert torch.allclose(prod, torch.eye(3, dtype=torch.float64).expand_as(prod), atol=1e-12)
+
+
+@pytest.mark.parametrize("ts", [T.c4(), T.d4(), T.flips(), T.cyclic_shifts([(0, 0), (1, 2), (-3, 1)], 8),
+                                T.ExactTransformationSet([(1, True, 2, -1), (3, False, 1, 1)], "mixed", 8)])
+def test_exact_groups_invert_exactly(ts):
+    x = torch.randn(2, 3, 8, 8)
+    back = ts.inverse().apply_each(ts.apply(x))
+    assert torch.equal(back, x.unsqueeze(1).expand_as(back))
+
+
+def test_exact_matrices_agree_with_warp():
+    x = torch.randn(2, 1, 8, 8)
+    for ts in (T.c4(), T.d4(), T.flips()):
+        warped = T.TransformationSet(ts.matrices).apply(x)
+        assert torch.allclose(warped, ts.apply(x), atol=1e-5)
+
+
+def test_fill_value_outside_image():
+    x = torch.full((1, 1, 8, 8), -0.42)
+    y = T.rotations(8).apply(x, fill=-0.42)
+    assert torch.allclose(y, torch.full_like(y, -0.42), atol=1e-6)
+    z = T.rotations(8).apply(x)  # zero fill paints a frame
+    assert (z - (-0.42)).abs().max() > 0.1
+
+
+def test_apply_indexed_matches_apply():
+    x = torch.randn(5, 1, 8, 8)
+    ts = T.rotations(6)
+    idx = torch.tensor([0, 5, 2, 2, 1])
+    full = ts.apply(x)
+    assert torch.allclose(ts.apply_indexed(x, idx), full[torch.arange(5), idx], atol=1e-6)
+    assert torch.equal(T.c4().apply_indexed(x, idx % 4), T.c4().apply(x)[torch.arange(5), idx % 4])
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match=r"\[b, C, H, W\]"):
+        T.rotations(4).apply(torch.randn(8, 8))
+    with pytest.raises(TypeError, match="floating"):
+        T.rotations(4).apply(torch.zeros(1, 1, 4, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="n must"):
+        T.rotations(0)
+    with pytest.raises(ValueError, match="fill"):
+        T.rotations(2).apply(torch.randn(1, 3, 4, 4), fill=[0.0, 1.0])
+    with pytest.raises(ValueError, match="invertible"):
+        T.TransformationSet(torch.zeros(1, 3, 3) + torch.tensor([0, 0, 1.0]).view(1, 3))
+    with pytest.raises(ValueError, match="square"):
+        T.c4().apply(torch.randn(1, 1, 4, 6))

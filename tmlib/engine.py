@@ -1,0 +1,251 @@
+"""The single pass over the sample × transformation matrix that feeds every measure.
+
+For each block of ``b`` samples: warp them by all ``m`` transformations on the model's device
+([b, m, C, H, W]), run one forward of the ``b·m`` images, and, inside the forward hooks, update
+one shared statistic per (statistic kind, layer). The model sees exactly n·m images in total,
+whatever the number of measures; layers are discovered by the hooks during the first block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .activations import LayerObserver
+from .measures.base import LayerInfo, Measure
+from .results import MeasureResult
+
+__all__ = ["evaluate", "NonFiniteActivationError", "default_batch_size"]
+
+
+class NonFiniteActivationError(ValueError):
+    """A layer produced NaN or ±inf activations; measures would average them silently."""
+
+
+def default_batch_size(m: int, images_per_forward: int = 256) -> int:
+    """Samples per block so that one forward sees about ``images_per_forward`` images."""
+    return max(1, images_per_forward // m)
+
+
+def _resolve_device(model: nn.Module, x: Any, device: str | torch.device | None) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    if param is None:
+        param = next(iter(model.buffers()), None)
+    model_device = param.device if param is not None else None
+    if device is None:
+        if model_device is not None:
+            return model_device
+        return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if model_device is not None and model_device != device:
+        raise ValueError(
+            f"device: the model's parameters are on {model_device} but device={str(device)!r} was "
+            f"requested; move the model first (model.to({str(device)!r})) or pass device=None"
+        )
+    return device
+
+
+def _first_tensor(item: Any) -> torch.Tensor:
+    if isinstance(item, torch.Tensor):
+        return item
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+        return item[0]
+    raise TypeError(
+        "x: a dataset must yield image tensors [C, H, W] or (image, label) pairs, "
+        f"got an item of type {type(item).__name__}"
+    )
+
+
+def _collate_images(items: list) -> torch.Tensor:
+    return torch.stack([_first_tensor(item) for item in items])
+
+
+def _blocks(x: Any, batch_size: int):
+    """Yield image blocks [b, C, H, W] from a tensor or a dataset; returns (iterator, n)."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 4:
+            raise ValueError(f"x must be a tensor of shape [n, C, H, W], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating point tensor, got dtype {x.dtype}")
+        n = x.shape[0]
+        return (x[i : i + batch_size] for i in range(0, n, batch_size)), n
+    if isinstance(x, Dataset) or hasattr(x, "__getitem__"):
+        try:
+            n = len(x)
+        except TypeError:
+            raise TypeError("x: a dataset must have a length (map-style dataset)") from None
+        if n == 0:
+            raise ValueError("x: the dataset is empty")
+        first = _first_tensor(x[0])
+        if first.dim() != 3:
+            raise ValueError(f"x: dataset images must have shape [C, H, W], got {tuple(first.shape)}")
+        loader = DataLoader(x, batch_size=batch_size, shuffle=False, collate_fn=_collate_images)
+        return iter(loader), n
+    raise TypeError(f"x must be a tensor [n, C, H, W] or a dataset, got {type(x).__name__}")
+
+
+def _unique_names(measures: Sequence[Measure]) -> list[str]:
+    names, seen = [], {}
+    for measure in measures:
+        seen[measure.name] = seen.get(measure.name, 0) + 1
+        names.append(measure.name if seen[measure.name] == 1 else f"{measure.name}#{seen[measure.name]}")
+    return names
+
+
+def _set_numba_threads() -> None:
+    try:
+        import numba
+
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor | Dataset,
+    ts,
+    measures: Measure | Sequence[Measure],
+    layers: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    fill: float | Sequence[float] | None = None,
+    progress: bool = True,
+    backend: str = "auto",
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, MeasureResult]:
+    """Measure every observed layer of ``model`` under the transformation set ``ts``, in one pass.
+
+    Args:
+        model: any ``nn.Module`` taking images [B, C, H, W]; evaluated in eval mode, no gradients.
+        x: samples, a float tensor [n, C, H, W] or a dataset of images or (image, label) pairs.
+        ts: a transformation set (``len(ts) = m ≥ 2``, ``ts.apply(x) -> [b, m, C, H, W]``).
+        measures: one measure or a list; all are fed from the same pass.
+        layers: layer names to observe (module paths, ``path#k`` for the k-th call);
+            default: ``model.layer_names()`` for the paper models (tmlib.models), else every leaf
+            module, in order of first call.
+        batch_size: samples per block; each forward sees ``batch_size·m`` images.
+            Default: about 256 images per forward.
+        device: where model, warps and accumulators run; None = the model's device
+            (x's device for a model without parameters). Must match the model's device.
+        fill: background value for warps; None = ``x.fill`` for tmlib datasets, else 0.
+        progress: show a tqdm progress bar.
+        backend: statistics kernel, ``"auto"`` (fused numba kernel on the CPU), ``"numba"``,
+            ``"torch"``.
+        metadata: extra entries for every result's metadata (e.g. ``{"model": "SimpleConv"}``).
+
+    Returns:
+        ``{measure name: MeasureResult}`` in the order the measures were given.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(measures, Measure):
+        measures = [measures]
+    measures = list(measures)
+    if not measures or not all(isinstance(mm, Measure) for mm in measures):
+        raise TypeError("measures must be a Measure or a non-empty list of Measure objects")
+    if not hasattr(ts, "apply") or not hasattr(ts, "__len__"):
+        raise TypeError(f"ts must be a transformation set (tmlib.transforms), got {type(ts).__name__}")
+    m = len(ts)
+    if m < 2:
+        raise ValueError(f"ts: a transformation set of at least 2 transformations is needed, got m={m}")
+    if batch_size is None:
+        batch_size = default_batch_size(m)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer (samples per block), got {batch_size!r}")
+    device = _resolve_device(model, x, device)
+    if layers is None and callable(getattr(model, "layer_names", None)):
+        layers = model.layer_names()  # paper models: the paper's layers, without flatten/dropout
+    blocks, n = _blocks(x, batch_size)
+    if n < 2:
+        raise ValueError(f"x: at least 2 samples are needed for the sample variance, got n={n}")
+    if fill is None:
+        fill = getattr(x, "fill", 0.0)
+    if backend == "auto" and device.type == "cpu":
+        _set_numba_threads()
+
+    kinds: dict[Hashable, Measure] = {}
+    for measure in measures:
+        kinds.setdefault(measure.statistic_key(), measure)
+    states: dict[tuple[Hashable, str], Any] = {}
+    infos: dict[str, LayerInfo] = {}
+    block_rows = {"b": 0, "first": True}
+
+    def consume(name: str, out: torch.Tensor) -> None:
+        b = block_rows["b"]
+        rows = b * m
+        if out.dim() == 0 or out.shape[0] % rows != 0:
+            raise ValueError(
+                f"layer {name!r}: output shape {tuple(out.shape)} has no leading dimension of "
+                f"b·m = {rows} images (or a multiple of it)"
+            )
+        per_image = out.shape[0] // rows
+        shape = tuple(out.shape[1:]) if per_image == 1 else (per_image, *out.shape[1:])
+        if name not in infos:
+            if not block_rows["first"]:
+                raise ValueError(f"layer {name!r} appeared only after the first block of samples")
+            infos[name] = LayerInfo(name, shape)
+        block = out.reshape(b, m, *shape)
+        for key, measure in kinds.items():
+            state = states.get((key, name))
+            if state is None:
+                state = states[(key, name)] = measure.new_state(m, infos[name], device, backend)
+            state.update(block)
+
+    images = 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=n, desc=f"measuring ({m} transformations)", unit="sample", disable=not progress)
+    try:
+        with LayerObserver(model, layers, consume) as observer, torch.no_grad():
+            for xb in blocks:
+                xb = xb.to(device)
+                b = xb.shape[0]
+                block_rows["b"] = b
+                warped = ts.apply(xb, fill=fill).reshape(b * m, *xb.shape[1:])
+                model(warped)
+                images += warped.shape[0]
+                block_rows["first"] = False
+                for (key, name), state in states.items():
+                    if hasattr(state, "is_finite") and not state.is_finite():
+                        raise NonFiniteActivationError(
+                            f"layer {name!r} produced NaN or inf activations; the measures would "
+                            "be meaningless (check the model and its inputs)"
+                        )
+                bar.update(b)
+            observer.check_seen()
+    finally:
+        bar.close()
+        model.train(was_training)
+    if not infos:
+        raise ValueError("no layer was observed: the model has no leaf modules returning tensors")
+
+    base_meta = {
+        "model": getattr(model, "paper_name", type(model).__name__),
+        "dataset": getattr(x, "name", None) if not isinstance(x, torch.Tensor) else "tensor",
+        "transformation": getattr(ts, "name", type(ts).__name__),
+        "n": n,
+        "m": m,
+        "fill": fill if isinstance(fill, (int, float)) else list(fill),
+        "images_forwarded": images,
+        "device": str(device),
+        **(metadata or {}),
+    }
+    results: dict[str, MeasureResult] = {}
+    for measure, name in zip(measures, _unique_names(measures)):
+        measure.reset()
+        key = measure.statistic_key()
+        for layer, info in infos.items():
+            measure.attach(info, states[(key, layer)])
+        result = measure.compute(base_meta)
+        result.measure = name
+        result.metadata["measure"] = name
+        results[name] = result
+    return results

@@ -1,0 +1,102 @@
+"""The measure protocol: a small object that turns a shared per-layer statistic into values.
+
+Measures follow torchmetrics' ``Metric``: state, ``update``, ``compute``, mergeable states. Unlike a
+metric, the state (e.g. :class:`~tmlib.measures.moments.STMoments`) is *shared*: every measure
+names the statistic it needs through :meth:`Measure.statistic_key`, and the engine keeps one state
+per key and layer, so TV, SV and NV in element and channel mode all come from one accumulation.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Hashable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..results import MeasureResult
+
+__all__ = ["Measure", "LayerInfo"]
+
+
+class LayerInfo:
+    """What a measure needs to know about a layer besides its statistic: the activation shape."""
+
+    def __init__(self, name: str, shape: tuple[int, ...]):
+        self.name = name
+        self.shape = tuple(shape)
+
+    @property
+    def spatial(self) -> bool:
+        """True for feature maps (…, H, W): at least three dimensions per sample."""
+        return len(self.shape) >= 3
+
+    def __repr__(self) -> str:
+        return f"LayerInfo({self.name!r}, {self.shape})"
+
+
+class Measure(ABC):
+    """Base class of all measures.
+
+    Subclasses set ``short_name`` and implement :meth:`new_state` (the statistic to accumulate),
+    :meth:`statistic_key` (equal keys share one state) and :meth:`compute_layer`.
+    """
+
+    short_name = "measure"
+
+    def __init__(self) -> None:
+        self._states: dict[str, Any] = {}
+        self._layers: dict[str, LayerInfo] = {}
+
+    # ------------------------------------------------------------------ to implement
+    @abstractmethod
+    def statistic_key(self) -> Hashable:
+        """Measures with equal keys are fed from one shared state per layer."""
+
+    @abstractmethod
+    def new_state(self, m: int, layer: LayerInfo, device: torch.device, backend: str) -> Any:
+        """A fresh accumulator for one layer (with ``update(block)`` and ``merge(other)``)."""
+
+    @abstractmethod
+    def compute_layer(self, state: Any, layer: LayerInfo) -> np.ndarray:
+        """The measure's values for one layer from its accumulated state."""
+
+    # ------------------------------------------------------------------ description
+    @property
+    def name(self) -> str:
+        """A unique, readable name including the options, e.g. ``NV[channel,std]``."""
+        options = ",".join(str(v) for v in self.options().values())
+        return f"{self.short_name}[{options}]" if options else self.short_name
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({args})"
+
+    # ------------------------------------------------------------------ standalone use
+    def update(self, layer: str, block: torch.Tensor, backend: str = "auto") -> None:
+        """Feed a block of ST rows of one layer: ``block`` [b, m, *activation_shape]."""
+        if block.dim() < 3:
+            raise ValueError(f"block must have shape [b, m, *activation], got {tuple(block.shape)}")
+        if layer not in self._states:
+            info = LayerInfo(layer, tuple(block.shape[2:]))
+            self._layers[layer] = info
+            self._states[layer] = self.new_state(block.shape[1], info, block.device, backend)
+        self._states[layer].update(block)
+
+    def attach(self, layer: LayerInfo, state: Any) -> None:
+        """Use a state accumulated elsewhere (the engine's shared one) for ``layer``."""
+        self._layers[layer.name] = layer
+        self._states[layer.name] = state
+
+    def reset(self) -> None:
+        self._states.clear()
+        self._layers.clear()
+
+    def compute(self, metadata: dict[str, Any] | None = None) -> MeasureResult:
+        values = {name: self.compute_layer(self._states[name], info) for name, info in self._layers.items()}
+        meta = {"measure": self.name, **self.options(), **(metadata or {})}
+        return MeasureResult(self.name, values, meta)

@@ -1,0 +1,194 @@
+"""Sufficient statistics of a layer's sample × transformation (ST) matrix, accumulated in one pass.
+
+For every activation a of a layer, the ST matrix is A_ij = a(t_j(x_i)). The variance family of
+measures needs, per activation,
+
+* row statistics (over transformations j, for each sample i): complete inside a block of samples,
+  summarised as Σ_i std_j(A_ij) and Σ_i var_j(A_ij);
+* column statistics (over samples i, for each transformation j): running shifted sums
+  Σ_i (A_ij − K_j) and Σ_i (A_ij − K_j)², with K_j the first sample's value.
+
+Everything is accumulated in float64 from the float32 activations, so results are exact to float64
+rounding and do not depend on how the samples are split into blocks. Shifting by a member of the
+row/column makes constant rows and columns give exactly zero variance (needed for NV's 0/0 → 1
+convention) and keeps cancellation harmless. States merge exactly (:meth:`STMoments.merge`), so
+partial results from different processes or devices combine into the same answer.
+
+On the CPU the block update is one fused, multi-threaded numba kernel that reads each activation
+once while it is still in cache; on other devices (or without numba) the same arithmetic runs as
+torch ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+try:  # numba is a pinned dependency; the torch path below is the fallback and the GPU path.
+    import numba
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only in broken installs
+    _HAVE_NUMBA = False
+
+__all__ = ["STMoments", "numba_available"]
+
+_CHUNK = 512  # activations per parallel work item: its float64 row sums fit in L1/L2
+
+
+def numba_available() -> bool:
+    return _HAVE_NUMBA
+
+
+if _HAVE_NUMBA:
+
+    @numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
+    def _fused_update(x, shift, col_s1, col_s2, row_std_sum, row_var_sum, chunk):  # pragma: no cover
+        # x: [b, m, F] (float32 or float64, C-contiguous); all other arrays float64.
+        b, m, nf = x.shape
+        n_chunks = (nf + chunk - 1) // chunk
+        for c in numba.prange(n_chunks):
+            f0 = c * chunk
+            f1 = min(nf, f0 + chunk)
+            w = f1 - f0
+            rs1 = np.zeros((b, w))
+            rs2 = np.zeros((b, w))
+            cs1 = np.empty(w)
+            cs2 = np.empty(w)
+            for j in range(m):
+                cs1[:] = 0.0
+                cs2[:] = 0.0
+                for i in range(b):
+                    for f in range(w):
+                        v = np.float64(x[i, j, f0 + f])
+                        d = v - shift[j, f0 + f]
+                        cs1[f] += d
+                        cs2[f] += d * d
+                        r = v - np.float64(x[i, 0, f0 + f])
+                        rs1[i, f] += r
+                        rs2[i, f] += r * r
+                for f in range(w):
+                    col_s1[j, f0 + f] += cs1[f]
+                    col_s2[j, f0 + f] += cs2[f]
+            for i in range(b):
+                for f in range(w):
+                    var = (rs2[i, f] - rs1[i, f] * rs1[i, f] / m) / (m - 1)
+                    if var < 0.0:  # rounding can leave -1e-17 for (near-)constant rows
+                        var = 0.0
+                    row_var_sum[f0 + f] += var
+                    row_std_sum[f0 + f] += math.sqrt(var)
+
+
+class STMoments:
+    """Mergeable float64 moments of one layer's ST matrix.
+
+    Args:
+        m: number of transformations (≥ 2).
+        num_features: activations per sample (the product of the activation's shape).
+        device: where the accumulators live (the model's device).
+        backend: ``"auto"`` (numba on the CPU when available, else torch), ``"numba"`` or ``"torch"``.
+    """
+
+    def __init__(self, m: int, num_features: int, device: torch.device | str = "cpu", backend: str = "auto"):
+        if m < 2:
+            raise ValueError(f"the transformation set must have at least 2 transformations, got m={m}")
+        if backend not in ("auto", "numba", "torch"):
+            raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
+        device = torch.device(device)
+        if backend == "numba" and (device.type != "cpu" or not _HAVE_NUMBA):
+            raise ValueError("backend='numba' needs numba installed and device='cpu'")
+        if backend == "auto":
+            backend = "numba" if device.type == "cpu" and _HAVE_NUMBA else "torch"
+        self.backend = backend
+        self.m = m
+        self.num_features = num_features
+        self.device = device
+        self.n = 0
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.shift: torch.Tensor | None = None
+        self.col_s1 = zeros(m, num_features)
+        self.col_s2 = zeros(m, num_features)
+        self.row_std_sum = zeros(num_features)
+        self.row_var_sum = zeros(num_features)
+
+    # ------------------------------------------------------------------ updates
+    def update(self, block: torch.Tensor) -> None:
+        """Add a block of rows: ``block`` [b, m, F] (or [b, m, ...], flattened here)."""
+        b = block.shape[0]
+        block = block.reshape(b, self.m, -1)
+        if block.shape[2] != self.num_features:
+            raise ValueError(f"expected {self.num_features} activations per sample, got {block.shape[2]}")
+        if block.dtype not in (torch.float32, torch.float64):
+            block = block.float()
+        if self.shift is None:
+            self.shift = block[0].to(torch.float64).clone()
+        if self.backend == "numba":
+            _fused_update(
+                np.ascontiguousarray(block.numpy()),
+                self.shift.numpy(),
+                self.col_s1.numpy(),
+                self.col_s2.numpy(),
+                self.row_std_sum.numpy(),
+                self.row_var_sum.numpy(),
+                _CHUNK,
+            )
+        else:
+            self._torch_update(block)
+        self.n += b
+
+    def _torch_update(self, block: torch.Tensor) -> None:
+        x = block.to(torch.float64)
+        d = x - self.shift
+        self.col_s1 += d.sum(0)
+        self.col_s2 += (d * d).sum(0)
+        r = x - x[:, :1]
+        var = ((r * r).sum(1) - r.sum(1).square() / self.m) / (self.m - 1)
+        var.clamp_(min=0.0)
+        self.row_var_sum += var.sum(0)
+        self.row_std_sum += var.sqrt().sum(0)
+
+    def merge(self, other: STMoments) -> STMoments:
+        """Add another state's samples to this one (exact; Chan-style shift change)."""
+        if (other.m, other.num_features) != (self.m, self.num_features):
+            raise ValueError("can only merge moments of the same layer shape and transformation count")
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            self.shift = other.shift.to(self.device).clone()
+        delta = other.shift.to(self.device) - self.shift
+        o1, o2 = other.col_s1.to(self.device), other.col_s2.to(self.device)
+        # Σ(x−K) = Σ(x−K') + n'δ and Σ(x−K)² = Σ(x−K')² + 2δΣ(x−K') + n'δ², with δ = K' − K.
+        self.col_s2 += o2 + 2 * delta * o1 + other.n * delta * delta
+        self.col_s1 += o1 + other.n * delta
+        self.row_std_sum += other.row_std_sum.to(self.device)
+        self.row_var_sum += other.row_var_sum.to(self.device)
+        self.n += other.n
+        return self
+
+    # ------------------------------------------------------------------ results, float64 numpy [F]
+    def is_finite(self) -> bool:
+        """False if any activation seen so far was NaN or ±inf (they propagate into the row sums)."""
+        return bool(torch.isfinite(self.row_var_sum).all())
+
+    def transformational(self, stat: str = "std") -> np.ndarray:
+        """TV per activation: mean over samples of the std (or var) over transformations."""
+        total = self.row_std_sum if stat == "std" else self.row_var_sum
+        return (total / self.n).cpu().numpy()
+
+    def column_variance(self) -> np.ndarray:
+        """[m, F]: unbiased variance over samples, per transformation and activation."""
+        if self.n < 2:
+            raise ValueError(f"the sample variance needs at least 2 samples, got n={self.n}")
+        var = (self.col_s2 - self.col_s1.square() / self.n) / (self.n - 1)
+        return var.clamp(min=0.0).cpu().numpy()
+
+    def column_mean(self) -> np.ndarray:
+        """[m, F]: mean over samples, per transformation and activation."""
+        return (self.shift + self.col_s1 / self.n).cpu().numpy()
+
+    def sample(self, stat: str = "std") -> np.ndarray:
+        """SV per activation: mean over transformations of the std (or var) over samples."""
+        var = self.column_variance()
+        return (np.sqrt(var) if stat == "std" else var).mean(axis=0)

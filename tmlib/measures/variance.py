@@ -1,0 +1,105 @@
+"""The variance family of Quiroga et al. [Q23]: transformational, sample and normalized variance.
+
+For an activation a with ST matrix A_ij = a(t_j(x_i)), n samples and m transformations:
+
+* TV(a) = (1/n) Σ_i s_j(A_ij)   — spread caused by the transformations;
+* SV(a) = (1/m) Σ_j s_i(A_ij)   — spread caused by the data;
+* NV(a) = TV(a) / SV(a)         — 0: invariant; ≈1: transformations move the unit as much as data.
+
+s is the unbiased standard deviation (``stat="std"``, the published default) or the unbiased
+variance (``stat="var"``). NV's division follows the published code: SV > 0 → TV/SV; SV = 0 and
+TV = 0 (a dead or constant unit) → 1; SV = 0 and TV > 0 → +inf. Layer means skip non-finite values.
+
+``mode="element"`` gives one value per activation (shape [C, H, W] or [F]); ``mode="channel"``
+gives one per feature map, the ratio of the spatial means (NV_c = mean_hw TV / mean_hw SV), the
+default of the [Q23] experiments. On layers without spatial dimensions both modes agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import numpy as np
+import torch
+
+from .base import LayerInfo, Measure
+from .moments import STMoments
+
+__all__ = ["TransformationVariance", "SampleVariance", "NormalizedVariance", "divide_nv", "channel_mean"]
+
+_MODES = ("element", "channel")
+_STATS = ("std", "var")
+
+
+def divide_nv(tv: np.ndarray, sv: np.ndarray) -> np.ndarray:
+    """TV/SV with the published convention: 0/0 → 1, x/0 → +inf."""
+    tv, sv = np.asarray(tv, dtype=np.float64), np.asarray(sv, dtype=np.float64)
+    out = np.where(tv == 0, 1.0, np.inf)
+    np.divide(tv, sv, out=out, where=sv > 0)
+    return out
+
+
+def channel_mean(values: np.ndarray, layer: LayerInfo) -> np.ndarray:
+    """Mean over the two spatial dimensions of an activation-shaped array: [.., H, W] → [channels]."""
+    values = values.reshape(layer.shape)
+    if not layer.spatial:
+        return values
+    return values.reshape(-1, layer.shape[-2] * layer.shape[-1]).mean(axis=1)
+
+
+class _VarianceMeasure(Measure):
+    def __init__(self, mode: str = "element", stat: str = "std") -> None:
+        super().__init__()
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if stat not in _STATS:
+            raise ValueError(f"stat must be one of {_STATS}, got {stat!r}")
+        self.mode = mode
+        self.stat = stat
+
+    def options(self) -> dict:
+        return {"mode": self.mode, "stat": self.stat}
+
+    def statistic_key(self) -> Hashable:
+        return STMoments
+
+    def new_state(self, m: int, layer: LayerInfo, device: torch.device, backend: str) -> STMoments:
+        return STMoments(m, int(np.prod(layer.shape)), device, backend)
+
+    def _tv(self, state: STMoments, layer: LayerInfo) -> np.ndarray:
+        return state.transformational(self.stat).reshape(layer.shape)
+
+    def _sv(self, state: STMoments, layer: LayerInfo) -> np.ndarray:
+        return state.sample(self.stat).reshape(layer.shape)
+
+    def _finish(self, values: np.ndarray, layer: LayerInfo) -> np.ndarray:
+        return channel_mean(values, layer) if self.mode == "channel" else values
+
+
+class TransformationVariance(_VarianceMeasure):
+    """TV: mean over samples of the spread over transformations (per activation or channel)."""
+
+    short_name = "TV"
+
+    def compute_layer(self, state: STMoments, layer: LayerInfo) -> np.ndarray:
+        return self._finish(self._tv(state, layer), layer)
+
+
+class SampleVariance(_VarianceMeasure):
+    """SV: mean over transformations of the spread over samples (per activation or channel)."""
+
+    short_name = "SV"
+
+    def compute_layer(self, state: STMoments, layer: LayerInfo) -> np.ndarray:
+        return self._finish(self._sv(state, layer), layer)
+
+
+class NormalizedVariance(_VarianceMeasure):
+    """NV = TV / SV; in channel mode the ratio of the channel means of TV and SV."""
+
+    short_name = "NV"
+
+    def compute_layer(self, state: STMoments, layer: LayerInfo) -> np.ndarray:
+        tv = self._finish(self._tv(state, layer), layer)
+        sv = self._finish(self._sv(state, layer), layer)
+        return divide_nv(tv, sv)
