@@ -1,0 +1,84 @@
+"""Figures from results: per-layer curves (the papers' main plot) and saving them reproducibly."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+if not os.environ.get("DISPLAY") and "ipykernel" not in os.environ.get("MPLBACKEND", ""):
+    # Headless runs (papermill, CI) must not need a display; notebooks keep their inline backend.
+    try:
+        import IPython
+
+        if IPython.get_ipython() is None:
+            matplotlib.use("Agg")
+    except ImportError:  # pragma: no cover
+        matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .results import MeasureResult, atomic_write  # noqa: E402
+
+__all__ = ["layer_curves", "save_figure"]
+
+
+def _as_frame(curves: Mapping[str, MeasureResult] | pd.DataFrame) -> pd.DataFrame:
+    if isinstance(curves, pd.DataFrame):
+        return curves
+    frames = []
+    for label, result in curves.items():
+        frame = result.to_frame()
+        frame["label"] = label
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def layer_curves(
+    curves: Mapping[str, MeasureResult] | pd.DataFrame,
+    ax: plt.Axes | None = None,
+    x: str = "layer",
+    ylabel: str | None = None,
+    ylim: tuple[float, float] | None = None,
+    title: str | None = None,
+) -> plt.Axes:
+    """Plot the layer means of several results as one curve each.
+
+    Args:
+        curves: ``{legend label: MeasureResult}`` or a tidy frame with columns
+            layer, index, depth, value, label.
+        x: ``"layer"`` (layer names on the axis, for one architecture) or ``"depth"``
+            (0–100 % of the depth, to compare architectures).
+        ylim: y range, e.g. (0, 1.4) as in [Q23]'s NV plots.
+    """
+    frame = _as_frame(curves)
+    if ax is None:
+        width = max(6.0, 0.45 * frame["index"].max() + 3) if x == "layer" else 7.0
+        _, ax = plt.subplots(figsize=(width, 4))
+    for label, group in frame.groupby("label", sort=False):
+        xs = group["index"] if x == "layer" else 100 * group["depth"]
+        ax.plot(xs, group["value"], marker="o", markersize=4, label=label)
+    if x == "layer":
+        first = frame.drop_duplicates("index").sort_values("index")
+        ax.set_xticks(first["index"], first["layer"], rotation=60, ha="right")
+        ax.set_xlabel("layer (forward order)")
+    else:
+        ax.set_xlabel("depth (% of layers)")
+    measure = frame["measure"].iloc[0] if "measure" in frame and len(frame) else "value"
+    ax.set_ylabel(ylabel or f"{measure} (layer mean)")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax
+
+
+def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a figure atomically (PNG/PDF/SVG by suffix), creating the folder."""
+    path = Path(path)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix[1:]))

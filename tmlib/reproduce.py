@@ -1,0 +1,114 @@
+"""Run every notebook of the reproduction through papermill: ``make reproduce`` calls this.
+
+Each notebook runs with the parameters of a profile (``quick``: 2 CPU cores; ``paper``: the papers'
+settings, for a GPU), its executed copy lands in ``results/<profile>/``, and a ``.done`` marker is
+written atomically once it finishes, so a rerun after an interruption skips what was finished and
+runs the rest. Trained models are cached by :mod:`tmlib.train`, so rerunning a notebook only
+measures. The run ends with a summary table (status, wall time, key number per notebook).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .paths import resolve
+from .results import atomic_write
+
+__all__ = ["NOTEBOOKS", "PROFILES", "report", "run"]
+
+PROFILES = ("quick", "paper")
+
+# name → parameters per profile (on top of the notebook's own defaults, which are the quick ones).
+NOTEBOOKS: dict[str, dict[str, dict[str, Any]]] = {
+    "00_quickstart": {
+        "quick": {},
+        "paper": {"n_train": 60000, "epochs": 20, "n_samples": 1000, "n_rotations": 25},
+    },
+}
+
+
+def _summary_path(name: str, results_dir: str | Path = "results") -> Path:
+    return resolve(results_dir) / "summaries" / f"{name}.json"
+
+
+def report(name: str, key: str, value: Any, results_dir: str | Path = "results") -> None:
+    """Called at the end of a notebook: the key number that the summary table shows for it."""
+    payload = json.dumps({"key": key, "value": value}, default=float)
+    atomic_write(_summary_path(name, results_dir), lambda tmp: Path(tmp).write_text(payload))
+
+
+def _params_hash(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run(profile: str = "quick", names: list[str] | None = None, results_dir: str = "results",
+        force: bool = False) -> pd.DataFrame:
+    """Execute the notebooks (all, or ``names``) with ``profile``; return the summary table."""
+    import papermill
+
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    names = names or list(NOTEBOOKS)
+    unknown = [n for n in names if n not in NOTEBOOKS]
+    if unknown:
+        raise ValueError(f"names: unknown notebooks {unknown}; known: {list(NOTEBOOKS)}")
+    out_dir = resolve(results_dir) / profile
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in names:
+        params = {"profile": profile, **NOTEBOOKS[name][profile]}
+        marker = out_dir / f"{name}.done"
+        done = marker.exists() and json.loads(marker.read_text()).get("params") == _params_hash(params)
+        start = time.perf_counter()
+        if done and not force:
+            status = "reused"
+            seconds = json.loads(marker.read_text())["seconds"]
+        else:
+            print(f"▶ {name} ({profile})", flush=True)
+            try:
+                papermill.execute_notebook(
+                    str(resolve("notebooks") / f"{name}.ipynb"),
+                    str(out_dir / f"{name}.ipynb"),
+                    parameters=params,
+                    cwd=str(resolve(".")),
+                    progress_bar=False,
+                    log_output=False,
+                )
+                status = "ok"
+            except Exception as error:  # papermill re-raises the cell's error: keep going, report
+                status = f"FAILED: {type(error).__name__}: {str(error).splitlines()[-1][:200]}"
+            seconds = time.perf_counter() - start
+            if status == "ok":
+                info = json.dumps({"params": _params_hash(params), "seconds": seconds})
+                atomic_write(marker, lambda tmp: Path(tmp).write_text(info))
+        summary = _summary_path(name, results_dir)
+        key = json.loads(summary.read_text()) if summary.exists() else {"key": "", "value": ""}
+        rows.append({"notebook": name, "status": status, "wall time (s)": round(seconds, 1),
+                     "key number": f"{key['key']} = {key['value']}" if key["key"] else ""})
+    table = pd.DataFrame(rows)
+    atomic_write(out_dir / "summary.csv", lambda tmp: table.to_csv(tmp, index=False))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="quick", choices=PROFILES)
+    parser.add_argument("--force", action="store_true", help="rerun notebooks already finished")
+    parser.add_argument("names", nargs="*", help="notebooks to run (default: all)")
+    args = parser.parse_args(argv)
+    table = run(args.profile, args.names or None, force=args.force)
+    print()
+    print(table.to_string(index=False))
+    return 0 if table["status"].isin(["ok", "reused"]).all() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
