@@ -15,7 +15,7 @@ ROOT = project_root(Path(__file__).parent)
 
 # The smallest parameters of each notebook: seconds on 2 cores, still real data and real training.
 SMALLEST = {
-    "00_quickstart": {"n_train": 400, "epochs": 1, "n_samples": 20, "n_rotations": 4, "check_claims": False},
+    "00_quickstart": {"n_train": 400, "n_test": 200, "epochs": 1, "n_samples": 20, "n_rotations": 4, "check_claims": False},
 }
 
 

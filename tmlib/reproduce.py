@@ -30,7 +30,7 @@ PROFILES = ("quick", "paper")
 NOTEBOOKS: dict[str, dict[str, dict[str, Any]]] = {
     "00_quickstart": {
         "quick": {},
-        "paper": {"n_train": 60000, "epochs": 20, "n_samples": 1000, "n_rotations": 25},
+        "paper": {"n_train": 60000, "epochs": 20, "n_test": 10000, "n_samples": 1000, "n_rotations": 25},
     },
 }
 
