@@ -21,10 +21,10 @@ torch ops.
 Cost, measured with benchmarks/bench_engine.py on 2 cores (SimpleConv, 12,500 images): the fused
 kernel runs at ≈ 1 G activations/s, ≈ 0.3 forward-times; the same arithmetic as torch ops costs
 ≈ 3.5 forward-times. Tried and kept: tiling over activations (work items of 256), numba's OpenMP
-pool instead of its workqueue (1.75 → 1.31 × forward). Tried and dropped: one shift for rows and
-columns (fewer loads, but then constant columns no longer give exactly SV = 0, and NV's x/0 → inf
-convention breaks); float32 block partial sums (faster, but results then depend on the batch size
-at 1e-7).
+pool instead of its workqueue (1.75 → 1.31 × forward). Ruled out by analysis, not measured: one
+shift for rows and columns (fewer loads, but constant columns would no longer give exactly SV = 0,
+breaking NV's x/0 → inf convention) and float32 block partial sums (results would then depend on
+the batch size at ~1e-7, above the 1e-9 the tests demand).
 """
 
 from __future__ import annotations
