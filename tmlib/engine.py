@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .activations import LayerObserver
-from .measures.base import LayerInfo, Measure
+from .measures.base import LayerInfo, Measure, PassContext
 from .results import MeasureResult
 
 __all__ = ["evaluate", "NonFiniteActivationError", "default_batch_size"]
@@ -108,6 +108,60 @@ def _set_numba_threads() -> None:
         pass
 
 
+def _single_pass(model, blocks, expand, m, layers, kinds, new_state, device, progress, desc, n):
+    """One forward of every block, expanded to [b, m, C, H, W] by ``expand``; every layer's output
+    updates one state per statistic kind. Returns (states by (kind, layer), layer infos, images)."""
+    states: dict[tuple[Hashable, str], Any] = {}
+    infos: dict[str, LayerInfo] = {}
+    current = {"b": 0, "first": True}
+
+    def consume(name: str, out: torch.Tensor) -> None:
+        b = current["b"]
+        rows = b * m
+        if out.dim() == 0 or out.shape[0] % rows != 0:
+            raise ValueError(
+                f"layer {name!r}: output shape {tuple(out.shape)} has no leading dimension of "
+                f"b·m = {rows} images (or a multiple of it)"
+            )
+        per_image = out.shape[0] // rows
+        shape = tuple(out.shape[1:]) if per_image == 1 else (per_image, *out.shape[1:])
+        if name not in infos:
+            if not current["first"]:
+                raise ValueError(f"layer {name!r} appeared only after the first block of samples")
+            infos[name] = LayerInfo(name, shape)
+        block = out.reshape(b, *shape) if m == 1 else out.reshape(b, m, *shape)
+        for key, measure in kinds.items():
+            state = states.get((key, name))
+            if state is None:
+                state = states[(key, name)] = new_state(measure, infos[name])
+            state.update(block)
+
+    images = 0
+    bar = tqdm(total=n, desc=desc, unit="sample", disable=not progress)
+    try:
+        with LayerObserver(model, layers, consume) as observer, torch.no_grad():
+            for xb in blocks:
+                xb = xb.to(device)
+                b = current["b"] = xb.shape[0]
+                expanded = expand(xb).reshape(b * m, *xb.shape[1:])
+                model(expanded)
+                images += expanded.shape[0]
+                current["first"] = False
+                for (_, name), state in states.items():
+                    if hasattr(state, "is_finite") and not state.is_finite():
+                        raise NonFiniteActivationError(
+                            f"layer {name!r} produced NaN or inf activations; the measures would "
+                            "be meaningless (check the model and its inputs)"
+                        )
+                bar.update(b)
+            observer.check_seen()
+    finally:
+        bar.close()
+    if not infos:
+        raise ValueError("no layer was observed: the model has no leaf modules returning tensors")
+    return states, infos, images
+
+
 def evaluate(
     model: nn.Module,
     x: torch.Tensor | Dataset,
@@ -171,61 +225,34 @@ def evaluate(
     if backend == "auto" and device.type == "cpu":
         _set_numba_threads()
 
-    kinds: dict[Hashable, Measure] = {}
-    for measure in measures:
-        kinds.setdefault(measure.statistic_key(), measure)
-    states: dict[tuple[Hashable, str], Any] = {}
-    infos: dict[str, LayerInfo] = {}
-    block_rows = {"b": 0, "first": True}
-
-    def consume(name: str, out: torch.Tensor) -> None:
-        b = block_rows["b"]
-        rows = b * m
-        if out.dim() == 0 or out.shape[0] % rows != 0:
-            raise ValueError(
-                f"layer {name!r}: output shape {tuple(out.shape)} has no leading dimension of "
-                f"b·m = {rows} images (or a multiple of it)"
-            )
-        per_image = out.shape[0] // rows
-        shape = tuple(out.shape[1:]) if per_image == 1 else (per_image, *out.shape[1:])
-        if name not in infos:
-            if not block_rows["first"]:
-                raise ValueError(f"layer {name!r} appeared only after the first block of samples")
-            infos[name] = LayerInfo(name, shape)
-        block = out.reshape(b, m, *shape)
-        for key, measure in kinds.items():
-            state = states.get((key, name))
-            if state is None:
-                state = states[(key, name)] = measure.new_state(m, infos[name], device, backend)
-            state.update(block)
-
+    context = PassContext(m=m, device=device, backend=backend, ts=ts, fill=fill)
     images = 0
     was_training = model.training
     model.eval()
-    bar = tqdm(total=n, desc=f"measuring ({m} transformations)", unit="sample", disable=not progress)
     try:
-        with LayerObserver(model, layers, consume) as observer, torch.no_grad():
-            for xb in blocks:
-                xb = xb.to(device)
-                b = xb.shape[0]
-                block_rows["b"] = b
-                warped = ts.apply(xb, fill=fill).reshape(b * m, *xb.shape[1:])
-                model(warped)
-                images += warped.shape[0]
-                block_rows["first"] = False
-                for (key, name), state in states.items():
-                    if hasattr(state, "is_finite") and not state.is_finite():
-                        raise NonFiniteActivationError(
-                            f"layer {name!r} produced NaN or inf activations; the measures would "
-                            "be meaningless (check the model and its inputs)"
-                        )
-                bar.update(b)
-            observer.check_seen()
+        references: dict[Hashable, Measure] = {}
+        kinds: dict[Hashable, Measure] = {}
+        for measure in measures:  # the first measure of each statistic kind creates its states
+            if measure.reference_key() is not None:
+                references.setdefault(measure.reference_key(), measure)
+            kinds.setdefault(measure.statistic_key(), measure)
+        if references:
+            # Untransformed samples only: n extra forwards, before the n·m of the main pass.
+            ref_states, _, seen = _single_pass(
+                model, _blocks(x, batch_size)[0], lambda xb: xb, 1, layers, references,
+                lambda measure, info: measure.new_reference_state(info, context),
+                device, progress, "reference pass (untransformed)", n,
+            )
+            context.references = ref_states
+            images += seen
+        states, infos, seen = _single_pass(
+            model, blocks, lambda xb: ts.apply(xb, fill=fill), m, layers, kinds,
+            lambda measure, info: measure.new_state(info, context),
+            device, progress, f"measuring ({m} transformations)", n,
+        )
+        images += seen
     finally:
-        bar.close()
         model.train(was_training)
-    if not infos:
-        raise ValueError("no layer was observed: the model has no leaf modules returning tensors")
 
     base_meta = {
         "model": getattr(model, "paper_name", type(model).__name__),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 
 from ..results import MeasureResult
 
-__all__ = ["Measure", "LayerInfo"]
+__all__ = ["Measure", "LayerInfo", "PassContext"]
 
 
 class LayerInfo:
@@ -34,6 +35,28 @@ class LayerInfo:
 
     def __repr__(self) -> str:
         return f"LayerInfo({self.name!r}, {self.shape})"
+
+
+@dataclass
+class PassContext:
+    """What a state may need to know about the pass that feeds it.
+
+    Attributes:
+        m: number of transformations.
+        device: where the model and the accumulators live.
+        backend: statistics kernel, ``"auto"``, ``"numba"`` or ``"torch"``.
+        ts: the transformation set (None when a measure is fed by hand with ``update``).
+        fill: background value used for the warps.
+        references: reference-pass states by ``(reference key, layer name)``; filled by the engine
+            before the main pass for measures that declare a :meth:`Measure.reference_key`.
+    """
+
+    m: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str = "auto"
+    ts: Any = None
+    fill: Any = 0.0
+    references: dict = field(default_factory=dict)
 
 
 class Measure(ABC):
@@ -55,12 +78,23 @@ class Measure(ABC):
         """Measures with equal keys are fed from one shared state per layer."""
 
     @abstractmethod
-    def new_state(self, m: int, layer: LayerInfo, device: torch.device, backend: str) -> Any:
-        """A fresh accumulator for one layer (with ``update(block)`` and ``merge(other)``)."""
+    def new_state(self, layer: LayerInfo, context: PassContext) -> Any:
+        """A fresh accumulator for one layer, with ``update(block [b, m, *shape])`` and, where the
+        maths allows, ``merge(other)``."""
 
     @abstractmethod
     def compute_layer(self, state: Any, layer: LayerInfo) -> np.ndarray:
         """The measure's values for one layer from its accumulated state."""
+
+    # ------------------------------------------------------------------ optional reference pass
+    def reference_key(self) -> Hashable | None:
+        """Non-None for measures that need one extra pass over the n *untransformed* samples
+        before the main pass (e.g. Goodfellow's thresholds). Equal keys share the pass's states."""
+        return None
+
+    def new_reference_state(self, layer: LayerInfo, context: PassContext) -> Any:
+        """Accumulator fed with ``update(block [b, *shape])`` during the reference pass."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ description
     @property
@@ -77,14 +111,19 @@ class Measure(ABC):
         return f"{type(self).__name__}({args})"
 
     # ------------------------------------------------------------------ standalone use
-    def update(self, layer: str, block: torch.Tensor, backend: str = "auto") -> None:
-        """Feed a block of ST rows of one layer: ``block`` [b, m, *activation_shape]."""
+    def update(self, layer: str, block: torch.Tensor, backend: str = "auto", ts: Any = None) -> None:
+        """Feed a block of ST rows of one layer: ``block`` [b, m, *activation_shape].
+
+        For measures with a reference pass, use :func:`tmlib.measures.evaluate` instead."""
         if block.dim() < 3:
             raise ValueError(f"block must have shape [b, m, *activation], got {tuple(block.shape)}")
         if layer not in self._states:
+            if self.reference_key() is not None:
+                raise ValueError(f"{self.name} needs a reference pass: use tmlib.measures.evaluate")
             info = LayerInfo(layer, tuple(block.shape[2:]))
             self._layers[layer] = info
-            self._states[layer] = self.new_state(block.shape[1], info, block.device, backend)
+            context = PassContext(m=block.shape[1], device=block.device, backend=backend, ts=ts)
+            self._states[layer] = self.new_state(info, context)
         self._states[layer].update(block)
 
     def attach(self, layer: LayerInfo, state: Any) -> None:

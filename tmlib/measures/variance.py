@@ -20,9 +20,8 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 import numpy as np
-import torch
 
-from .base import LayerInfo, Measure
+from .base import LayerInfo, Measure, PassContext
 from .moments import STMoments
 
 __all__ = ["TransformationVariance", "SampleVariance", "NormalizedVariance", "divide_nv", "channel_mean"]
@@ -63,8 +62,8 @@ class _VarianceMeasure(Measure):
     def statistic_key(self) -> Hashable:
         return STMoments
 
-    def new_state(self, m: int, layer: LayerInfo, device: torch.device, backend: str) -> STMoments:
-        return STMoments(m, int(np.prod(layer.shape)), device, backend)
+    def new_state(self, layer: LayerInfo, context: PassContext) -> STMoments:
+        return STMoments(context.m, int(np.prod(layer.shape)), context.device, context.backend)
 
     def _tv(self, state: STMoments, layer: LayerInfo) -> np.ndarray:
         return state.transformational(self.stat).reshape(layer.shape)
