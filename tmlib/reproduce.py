@@ -32,6 +32,13 @@ NOTEBOOKS: dict[str, dict[str, dict[str, Any]]] = {
         "quick": {},
         "paper": {"n_train": 60000, "epochs": 20, "n_test": 10000, "n_samples": 1000, "n_rotations": 25},
     },
+    # The experiment notebooks take their sizes from tmlib.experiments.PROFILES[profile].
+    "01_validation": {"quick": {}, "paper": {}},
+    "02_random_init": {"quick": {}, "paper": {}},
+    "03_dataset_transformation": {"quick": {}, "paper": {}},
+    "04_model_comparison": {"quick": {}, "paper": {}},
+    "05_sample_size": {"quick": {}, "paper": {}},
+    "06_architecture": {"quick": {}, "paper": {}},
 }
 
 
