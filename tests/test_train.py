@@ -383,3 +383,25 @@ def test_progress_bar_runs(data, capsys):
 
 def test_module_exports():
     assert set(train_module.__all__) >= {"train", "accuracy", "checkpoint_key"}
+
+
+def test_regression_of_the_transformation_learns_rotations():
+    """CLEI 2021's set-up: predict which rotation was applied (the 2×3 matrix)."""
+    from tmlib import transforms
+
+    torch.manual_seed(0)
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, 0, 1:3, 2:6] = 1.0  # an asymmetric blob: its rotation is visible
+    x += 0.05 * torch.randn_like(x)
+    data = torch.utils.data.TensorDataset(x, torch.zeros(64, dtype=torch.long))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 6))
+    ts = transforms.c4()
+    train(model, data, augment=ts, epochs=30, seed=0, batch_size=16, lr=3e-3, cache_dir=None,
+          progress=False, task="regress-transformation")
+    history = model.training_history
+    assert history["loss"][-1] < 0.1 * history["loss"][0]
+    assert history["accuracy"][-1] > 0.95  # nearest matrix = the rotation applied
+    with pytest.raises(ValueError, match="augment"):
+        train(model, data, task="regress-transformation", cache_dir=None, progress=False)
+    with pytest.raises(ValueError, match="task"):
+        train(model, data, task="segment", cache_dir=None, progress=False)

@@ -100,6 +100,7 @@ class ModelSpec:
     epochs: int = 3  # 0 = untrained
     n_train: int | None = 6000
     batch_size: int = 128
+    task: str = "classify"  # or "regress-transformation" (predict the augment set's matrix, CLEI 2021)
     options: dict = field(default_factory=dict, hash=False)
 
     def label(self) -> str:
@@ -117,7 +118,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return models.build(
         spec.architecture,
         in_channels=info["channels"],
-        num_classes=info["classes"],
+        num_classes=info["classes"] if spec.task == "classify" else 6,
         image_size=info["size"],
         **spec.options,
     )
@@ -139,6 +140,7 @@ def trained_model(
             batch_size=spec.batch_size,
             cache_dir=resolve(models_dir),
             progress=progress,
+            task=spec.task,
         )
     model.spec = spec  # what the model is, for tables and figures
     return model.eval()

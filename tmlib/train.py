@@ -270,9 +270,12 @@ def _training_config(
     lr: float,
     weight_decay: float,
     tensors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    task: str = "classify",
 ) -> dict[str, Any]:
     """Everything that determines the trained weights, as a JSON-able dict (arguments validated)."""
+    extra = {} if task == "classify" else {"task": task}
     return {
+        **extra,
         "format": CHECKPOINT_FORMAT,
         "procedure": "Adam, cross-entropy, reshuffled each epoch, last partial batch kept",
         "model": _model_identity(model),
@@ -387,8 +390,16 @@ def _fit(
     weight_decay: float,
     device: torch.device,
     progress: bool,
+    task: str = "classify",
 ) -> dict[str, Any]:
-    """The training loop; returns the history (per-epoch mean loss, training accuracy, seconds)."""
+    """The training loop; returns the history (per-epoch mean loss, training accuracy, seconds).
+
+    ``task="regress-transformation"``: the labels are ignored; the model predicts the 6 entries of
+    the 2×3 affine matrix of the transformation drawn from ``augment`` (MSE loss), and "accuracy"
+    is the fraction of images whose nearest matrix in the set is the one applied."""
+    targets = None
+    if task == "regress-transformation":
+        targets = augment.matrices[:, :2, :].reshape(len(augment), 6).float().to(device)
     n = len(x)
     n_batches = math.ceil(n / batch_size)
     order = torch.Generator().manual_seed(_derive_seed(seed, "order"))
@@ -427,11 +438,17 @@ def _fit(
                         xb = augment.apply_indexed(xb, choice, fill=fill)
                     optimizer.zero_grad(set_to_none=True)
                     logits = model(xb)
-                    loss = F.cross_entropy(logits, yb)
+                    if targets is None:
+                        loss = F.cross_entropy(logits, yb)
+                        predicted, truth = logits.detach().argmax(dim=1), yb
+                    else:
+                        truth = choice.to(device)
+                        loss = F.mse_loss(logits, targets[truth])
+                        predicted = torch.cdist(logits.detach(), targets).argmin(dim=1)
                     loss.backward()
                     optimizer.step()
                     loss_sum += loss.detach().double() * len(batch)
-                    correct += (logits.detach().argmax(dim=1) == yb).sum()
+                    correct += (predicted == truth).sum()
                     seen += len(batch)
                     bar.update(1)
                     if progress and (b % 20 == 0 or b == n_batches - 1):
@@ -462,8 +479,13 @@ def train(
     device: str | torch.device | None = None,
     cache_dir: str | os.PathLike | None = "data/models",
     progress: bool = True,
+    task: str = "classify",
 ) -> nn.Module:
     """Train ``model`` in place with Adam and cross-entropy, or load it from the checkpoint cache.
+
+    ``task="regress-transformation"`` trains the model to predict which transformation of
+    ``augment`` was applied (the 6 entries of its 2×3 affine matrix, MSE loss): the set-up of
+    Quiroga (CLEI 2021) for same-equivariance. The model must then output 6 values.
 
     Args:
         model: the classifier, already initialised by the caller; maps x [b, C, H, W] to logits
@@ -504,6 +526,10 @@ def train(
     )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"model must have trainable parameters, {type(model).__name__} has none")
+    if task not in ("classify", "regress-transformation"):
+        raise ValueError(f"task must be 'classify' or 'regress-transformation', got {task!r}")
+    if task == "regress-transformation" and augment is None:
+        raise ValueError("augment: task='regress-transformation' needs the transformation set to regress")
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
         raise TypeError(f"cache_dir must be None or a path, got {type(cache_dir).__name__}")
     device = _resolve_device(model, device)
@@ -511,7 +537,7 @@ def train(
     x, y = _dataset_tensors(dataset)
     # The key is computed before training: it must describe the *initial* weights.
     config = _training_config(
-        model, dataset, augment, epochs, seed, batch_size, lr, weight_decay, (x, y)
+        model, dataset, augment, epochs, seed, batch_size, lr, weight_decay, (x, y), task
     )
     config_json = _canonical_json(config)
     key = hashlib.sha256(config_json.encode()).hexdigest()
@@ -535,6 +561,7 @@ def train(
             weight_decay,
             device,
             progress,
+            task,
         )
         if path is not None:
             state = {
