@@ -225,7 +225,7 @@ def evaluate(
     if backend == "auto" and device.type == "cpu":
         _set_numba_threads()
 
-    context = PassContext(m=m, device=device, backend=backend, ts=ts, fill=fill)
+    context = PassContext(m=m, n=n, device=device, backend=backend, ts=ts, fill=fill)
     images = 0
     was_training = model.training
     model.eval()
@@ -239,7 +239,8 @@ def evaluate(
         if references:
             # Untransformed samples only: n extra forwards, before the n·m of the main pass.
             ref_states, _, seen = _single_pass(
-                model, _blocks(x, batch_size)[0], lambda xb: xb, 1, layers, references,
+                # One image per sample: blocks of batch_size·m samples keep forwards as large.
+                model, _blocks(x, batch_size * m)[0], lambda xb: xb, 1, layers, references,
                 lambda measure, info: measure.new_reference_state(info, context),
                 device, progress, "reference pass (untransformed)", n,
             )

@@ -43,6 +43,7 @@ class PassContext:
 
     Attributes:
         m: number of transformations.
+        n: number of samples of the pass, known before the first block.
         device: where the model and the accumulators live.
         backend: statistics kernel, ``"auto"``, ``"numba"`` or ``"torch"``.
         ts: the transformation set (None when a measure is fed by hand with ``update``).
@@ -52,6 +53,7 @@ class PassContext:
     """
 
     m: int
+    n: int | None = None  # samples in the pass (None when fed by hand)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str = "auto"
     ts: Any = None

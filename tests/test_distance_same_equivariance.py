@@ -1,0 +1,501 @@
+"""Distance family and same-equivariance measures against explicit computations on stored tensors."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tmlib import activations
+from tmlib import transforms as T
+from tmlib.measures import (
+    DistanceSameEquivariance,
+    NormalizedDistance,
+    NormalizedVarianceSE,
+    SampleDistance,
+    SampleVarianceSE,
+    TransformationDistance,
+    TransformationVariance,
+    TransformationVarianceSE,
+    evaluate,
+)
+
+N, M = 8, 5
+DISTANCE_OPTIONS = [
+    {"unit": u, "metric": me, "normalize": no}
+    for u in ("element", "channel")
+    for me in ("sqeuclidean", "euclidean")
+    for no in (False, True)
+]
+DISTANCES = [
+    cls(**o)
+    for cls in (TransformationDistance, SampleDistance, NormalizedDistance)
+    for o in DISTANCE_OPTIONS
+]
+SE_VARIANCES = [
+    cls(mode=mo, stat=st)
+    for cls in (TransformationVarianceSE, SampleVarianceSE, NormalizedVarianceSE)
+    for mo in ("element", "channel")
+    for st in ("std", "var")
+]
+
+
+def nv_division(tv, sv):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(sv > 0, tv / np.where(sv > 0, sv, 1), np.where(tv == 0, 1.0, np.inf))
+
+
+def normalize_np(maps):
+    norm = np.linalg.norm(maps, axis=-1, keepdims=True)
+    return np.where(norm > 0, maps / np.where(norm > 0, norm, 1), 0.0)
+
+
+def st_tensor(model, x, ts):
+    """{layer: float64 [n, m, *shape]} from one forward of all n·m warped images."""
+    n, m = x.shape[0], len(ts)
+    outputs = activations.record(model, ts.apply(x).reshape(n * m, *x.shape[1:]))
+    return {
+        name: out.double().reshape(n, m, *out.shape[1:]).numpy() for name, out in outputs.items()
+    }
+
+
+def brute_distances(st, unit, metric, normalize):
+    """TD, SD, ND by explicit pairs (itertools.combinations) on the full ST tensor [n, m, *shape]."""
+    n, m, *shape = st.shape
+    if len(shape) >= 3:
+        maps = st.reshape(n, m, -1, shape[-2] * shape[-1])
+        if normalize:
+            maps = normalize_np(maps)
+        vec = maps if unit == "channel" else maps.reshape(n, m, -1, 1)
+    else:
+        vec = st.reshape(n, m, -1, 1)
+
+    def dist(u, v):  # [..., G, D] → [..., G]
+        sq = ((u - v) ** 2).sum(-1)
+        return sq if metric == "sqeuclidean" else np.sqrt(sq)
+
+    td = np.mean(
+        [
+            np.mean(
+                [dist(vec[i, j], vec[i, k]) for j, k in itertools.combinations(range(m), 2)], axis=0
+            )
+            for i in range(n)
+        ],
+        axis=0,
+    )
+    sd = np.mean(
+        [
+            np.mean(
+                [dist(vec[i, j], vec[k, j]) for i, k in itertools.combinations(range(n), 2)], axis=0
+            )
+            for j in range(m)
+        ],
+        axis=0,
+    )
+    if unit == "element" or len(shape) < 3:
+        td, sd = td.reshape(shape), sd.reshape(shape)
+    return {"TD": td, "SD": sd, "ND": nv_division(td, sd)}
+
+
+def test_distances_match_explicit_pairwise_computation(small_cnn):
+    torch.manual_seed(1)
+    x, ts = torch.randn(N, 1, 8, 8), T.rotations(M)
+    r = evaluate(
+        small_cnn,
+        x,
+        ts,
+        DISTANCES + [TransformationVariance(stat="var")],
+        batch_size=3,
+        progress=False,
+    )
+    st = st_tensor(small_cnn, x, ts)
+    assert list(st) == r["TD[element,sqeuclidean,False]"].layer_names
+    for measure in DISTANCES:
+        for layer, values in st.items():
+            expected = brute_distances(values, measure.unit, measure.metric, measure.normalize)[
+                measure.short_name
+            ]
+            got = r[measure.name][layer]
+            assert got.shape == expected.shape
+            np.testing.assert_allclose(
+                got, expected, rtol=2e-5, atol=1e-9, err_msg=f"{measure.name} {layer}"
+            )
+    # The squared distance is exactly twice the variance, from the very state TV uses.
+    for layer in st:
+        np.testing.assert_allclose(
+            r["TD[element,sqeuclidean,False]"][layer], 2 * r["TV[element,var]"][layer], rtol=1e-14
+        )
+    assert r["TD[channel,euclidean,True]"]["0"].shape == (4,)
+    assert r["SD[element,euclidean,False]"]["3"].shape == (6, 4, 4)
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean"])
+def test_nd_division_convention(metric):
+    # All samples identical: every column is constant, so SD = 0 exactly. A non-invariant channel
+    # then gives TD > 0 → ND = inf; a constant channel gives TD = 0 → ND = 0/0 = 1.
+    class Probe(nn.Module):
+        def forward(self, x):
+            return torch.cat([x, torch.zeros_like(x) + 0.5], dim=1)
+
+    x = torch.randn(1, 1, 6, 6).expand(5, 1, 6, 6).contiguous()
+    ms = [
+        cls(unit=u, metric=metric)
+        for cls in (TransformationDistance, SampleDistance, NormalizedDistance)
+        for u in ("element", "channel")
+    ]
+    r = evaluate(nn.Sequential(Probe()), x, T.c4(), ms, progress=False)
+    sd, td, nd = (r[f"{s}[channel,{metric},False]"]["0"] for s in ("SD", "TD", "ND"))
+    assert np.all(sd == 0.0) and td[0] > 0 and td[1] == 0.0
+    assert np.isinf(nd[0]) and nd[1] == 1.0
+    nd_el = r[f"ND[element,{metric},False]"]["0"]
+    assert np.all(nd_el[1] == 1.0) and np.isinf(nd_el[0]).any()
+
+
+def test_distances_do_not_depend_on_batch_size(small_cnn):
+    torch.manual_seed(2)
+    x, ts = torch.randn(N, 1, 8, 8), T.rotations(M)
+    runs = [
+        evaluate(small_cnn, x, ts, DISTANCES, batch_size=bs, progress=False) for bs in (1, 3, 8)
+    ]
+    for measure in DISTANCES:
+        rtol = 1e-9 if measure.metric == "sqeuclidean" else 1e-6
+        for layer in runs[0][measure.name].layer_names:
+            for other in runs[1:]:
+                np.testing.assert_allclose(
+                    other[measure.name][layer],
+                    runs[0][measure.name][layer],
+                    rtol=rtol,
+                    atol=0,
+                    err_msg=f"{measure.name} {layer}",
+                )
+
+
+def test_euclidean_memory_budget_names_the_layer(small_cnn):
+    # Layer '0' keeps 4·8·8 floats per image: 10 samples × 4 transformations × 256 × 4 B = 40 KB.
+    with pytest.raises(
+        ValueError, match=r"layer '0'.*MB.*max_memory_mb=0\.01.*metric='sqeuclidean'"
+    ):
+        evaluate(
+            small_cnn,
+            torch.randn(10, 1, 8, 8),
+            T.c4(),
+            SampleDistance(metric="euclidean", max_memory_mb=0.01),
+            layers=["0"],
+            progress=False,
+        )
+    # TD stores nothing, so the same budget is no obstacle.
+    evaluate(
+        small_cnn,
+        torch.randn(10, 1, 8, 8),
+        T.c4(),
+        TransformationDistance(metric="euclidean", max_memory_mb=0.01),
+        layers=["0"],
+        progress=False,
+    )
+    with pytest.raises(ValueError, match="metric must be"):
+        SampleDistance(metric="cosine")
+
+
+# ---------------------------------------------------------------------------- same-equivariance
+
+
+def detransformed(st, ts, exact):
+    """B_ij = t_j⁻¹(A_ij) by an explicit loop over j, independent of apply_each: exact sets by
+    torch.rot90 backwards, others by warping with the inverted matrix. st: [n, m, C, H, W]."""
+    out = np.empty_like(st)
+    for j in range(st.shape[1]):
+        a = torch.from_numpy(st[:, j])
+        if exact:
+            k, flip, dx, dy = ts.elements[j]
+            assert not flip and not dx and not dy
+            out[:, j] = torch.rot90(a, -k, dims=(2, 3)).numpy()
+        else:
+            out[:, j] = T.warp(a, torch.linalg.inv(ts.matrices[j]), fill=0.0).numpy()
+    return out
+
+
+def brute_variance(b, mode, stat):
+    n, m, *shape = b.shape
+    flat = b.reshape(n, m, -1)
+    s = (
+        (lambda a, ax: a.std(axis=ax, ddof=1))
+        if stat == "std"
+        else (lambda a, ax: a.var(axis=ax, ddof=1))
+    )
+    tv, sv = s(flat, 1).mean(0), s(flat, 0).mean(0)
+    if mode == "channel":
+        tv, sv = (
+            tv.reshape(-1, shape[-2] * shape[-1]).mean(1),
+            sv.reshape(-1, shape[-2] * shape[-1]).mean(1),
+        )
+    else:
+        tv, sv = tv.reshape(shape), sv.reshape(shape)
+    return {"TVSE": tv, "SVSE": sv, "NVSE": nv_division(tv, sv)}
+
+
+@pytest.mark.parametrize("ts_name", ["rotations", "c4"])
+def test_variance_se_matches_explicit_detransformation(small_cnn, ts_name):
+    torch.manual_seed(3)
+    ts = T.rotations(M) if ts_name == "rotations" else T.c4()
+    x = torch.randn(N, 1, 8, 8)
+    r = evaluate(small_cnn, x, ts, SE_VARIANCES, batch_size=3, progress=False)
+    st = st_tensor(small_cnn, x, ts)
+    spatial = [layer for layer, v in st.items() if v.ndim == 5]
+    assert spatial == ["0", "1", "2", "3", "4"]
+    for measure in SE_VARIANCES:
+        result = r[measure.name]
+        assert result.layer_names == spatial
+        assert result.metadata["skipped_layers"] == {
+            "5": "no spatial dimensions",
+            "6": "no spatial dimensions",
+        }
+        for layer in spatial:
+            # float32 warps of float32 maps (engine) vs of float64 maps (here): rtol 1e-5.
+            expected = brute_variance(
+                detransformed(st[layer], ts, ts_name == "c4"), measure.mode, measure.stat
+            )
+            np.testing.assert_allclose(
+                result[layer],
+                expected[measure.short_name],
+                rtol=1e-5,
+                atol=1e-7,
+                err_msg=f"{measure.name} {layer}",
+            )
+
+
+def symmetric_conv(bias: bool, symmetric: bool = True) -> nn.Module:
+    torch.manual_seed(4)
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=bias)
+    if (
+        symmetric
+    ):  # a 3×3 kernel invariant under quarter turns: equal corners, equal edges, any centre
+        corner, edge, centre = torch.randn(3, 3, 2, 1, 1).unbind(0)
+        w = torch.empty(3, 2, 3, 3)
+        w[..., ::2, ::2] = corner
+        w[..., 0, 1] = w[..., 1, 0] = w[..., 1, 2] = w[..., 2, 1] = edge[..., 0, 0]
+        w[..., 1, 1] = centre[..., 0, 0]
+        with torch.no_grad():
+            conv.weight.copy_(w)
+    return nn.Sequential(conv).eval()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_rotation_symmetric_kernel_is_same_equivariant_under_c4(bias):
+    x = torch.randn(6, 2, 9, 9)
+    ms = [
+        TransformationVarianceSE(),
+        TransformationVarianceSE(mode="channel"),
+        DistanceSameEquivariance(),
+    ]
+    sym = evaluate(symmetric_conv(bias), x, T.c4(), ms, progress=False)
+    plain = evaluate(symmetric_conv(bias, symmetric=False), x, T.c4(), ms, progress=False)
+    for name in sym:
+        assert sym[name]["0"].max() < 1e-6, name
+        assert plain[name]["0"].min() > 1e-2, name
+
+
+def test_identity_model_has_zero_dses():
+    model = nn.Sequential(nn.Identity())
+    x = torch.randn(5, 2, 8, 8)
+    without = T.c4().subset([1, 2, 3])
+    for ts, ref in [(T.c4(), False), (without, True)]:
+        r = evaluate(
+            model,
+            x,
+            ts,
+            [
+                DistanceSameEquivariance(reference=ref),
+                DistanceSameEquivariance(normalize=True, reference=ref),
+                TransformationVarianceSE(),
+            ],
+            progress=False,
+        )
+        for result in r.values():
+            np.testing.assert_array_equal(result["0"], 0.0)
+    # Bilinear quarter turns land on pixel centres up to float32 rounding of the sampling grid.
+    no_identity = T.rotations(4).subset([1, 2, 3])
+    for ts, ref in [(T.rotations(4), False), (no_identity, True)]:
+        r = evaluate(
+            model,
+            x,
+            ts,
+            [DistanceSameEquivariance(reference=ref), TransformationVarianceSE()],
+            progress=False,
+        )
+        for result in r.values():
+            assert np.abs(result["0"]).max() < 1e-5
+
+
+def brute_dses(model, x, ts, normalize):
+    """Mean over (i, j) of sqrt(mean_hw (F(t_j x_i) − t_j F(x_i))²), F(x) from a plain forward of x."""
+    st = st_tensor(model, x, ts)
+    fx = {k: v.double() for k, v in activations.record(model, x).items()}
+    out = {}
+    for layer, a in st.items():
+        if a.ndim != 5:
+            continue
+        ds = []
+        for j in range(len(ts)):
+            expected = T.warp(fx[layer], ts.matrices[j], fill=0.0).numpy()
+            u, v = (
+                a[:, j].reshape(*a.shape[:1], a.shape[2], -1),
+                expected.reshape(expected.shape[0], expected.shape[1], -1),
+            )
+            if normalize:
+                u, v = normalize_np(u), normalize_np(v)
+            ds.append(np.sqrt(((u - v) ** 2).mean(-1)))  # [n, C]
+        out[layer] = np.mean(ds, axis=(0, 1))
+    return out
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_dses_matches_explicit_computation(small_cnn, normalize):
+    torch.manual_seed(5)
+    x = torch.randn(N, 1, 8, 8)
+    # rotations(5) contains 0° (identity column); 4 angles in ±45° do not (reference pass).
+    for ts, ref in [(T.rotations(M), False), (T.rotations(4, degrees=90), True)]:
+        result = evaluate(
+            small_cnn,
+            x,
+            ts,
+            DistanceSameEquivariance(normalize=normalize, reference=ref),
+            batch_size=3,
+            progress=False,
+        )[f"DSES[{normalize}]"]
+        expected = brute_dses(small_cnn, x, ts, normalize)
+        assert result.layer_names == list(expected)
+        assert (
+            set(result.metadata["skipped_layers"]) == {"5", "6"}
+            and result.metadata["reference_pass"] is ref
+        )
+        for layer, values in expected.items():
+            assert result[layer].shape == values.shape
+            np.testing.assert_allclose(
+                result[layer], values, rtol=1e-5, atol=1e-7, err_msg=f"{ts.name} {layer}"
+            )
+
+
+class CountingModel(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.images = 0
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return self.inner(x)
+
+
+def test_forwards_n_m_plus_n_only_for_the_reference_pass(small_cnn):
+    x = torch.randn(7, 1, 8, 8)
+    ms = [
+        DistanceSameEquivariance(),
+        TransformationVarianceSE(),
+        NormalizedDistance(metric="euclidean"),
+    ]
+    model = CountingModel(small_cnn)
+    r = evaluate(model, x, T.rotations(5), ms, batch_size=2, progress=False)
+    assert model.images == 7 * 5 and r["DSES[False]"].metadata["images_forwarded"] == 35
+    model = CountingModel(small_cnn)
+    r = evaluate(
+        model,
+        x,
+        T.rotations(4, degrees=90),
+        ms[1:] + [DistanceSameEquivariance(reference=True)],
+        batch_size=2,
+        progress=False,
+    )
+    assert model.images == 7 * 4 + 7 and r["DSES[False]"].metadata["images_forwarded"] == 35
+    with pytest.raises(ValueError, match=r"no identity.*reference=True"):
+        evaluate(
+            small_cnn, x, T.rotations(4, degrees=90), DistanceSameEquivariance(), progress=False
+        )
+    # The stored reference outputs have a budget too: layer '0' needs 7·4·8·8·4 B = 7 KB.
+    with pytest.raises(ValueError, match=r"layer '0'.*reference pass.*max_memory_mb=0\.001"):
+        evaluate(
+            small_cnn,
+            x,
+            T.rotations(4, degrees=90),
+            DistanceSameEquivariance(reference=True, max_memory_mb=0.001),
+            progress=False,
+        )
+
+
+def test_reference_outputs_are_read_by_sample_index_whatever_the_block_sizes():
+    from tmlib.measures.base import LayerInfo, PassContext
+    from tmlib.measures.same_equivariance import ReferenceOutputs
+
+    outputs = torch.randn(8, 2, 3, 3)
+    ref = ReferenceOutputs(
+        LayerInfo("conv", (2, 3, 3)), PassContext(m=3, ts=T.c4().subset([1, 2, 3])), 1.0
+    )
+    for chunk in outputs.split([3, 3, 2]):
+        ref.update(chunk)
+    for start, count in [(0, 8), (2, 4), (3, 3), (5, 1), (6, 2)]:
+        torch.testing.assert_close(
+            ref.read(start, count), outputs[start : start + count], rtol=0, atol=0
+        )
+    with pytest.raises(RuntimeError, match="same samples in the same order"):
+        ref.read(6, 3)
+
+
+def test_non_spatial_layers_and_sets_without_inverse_are_clear_errors():
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x = torch.randn(4, 1, 4, 4)
+    for measure in (TransformationVarianceSE(), DistanceSameEquivariance()):
+        with pytest.raises(
+            ValueError, match=r"no observed layer has spatial dimensions.*\['0', '1'\]"
+        ):
+            evaluate(flat, x, T.c4(), measure, progress=False)
+
+    class NoInverse:  # a generic set: apply and len, nothing else
+        name = "generic"
+
+        def __len__(self):
+            return 4
+
+        def apply(self, images, fill=0.0):
+            return T.c4().apply(images)
+
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3))
+    with pytest.raises(
+        ValueError, match=r"ts: same-equivariance needs a transformation set with an exact inverse"
+    ):
+        evaluate(conv, x, NoInverse(), NormalizedVarianceSE(), progress=False)
+    # Standalone use: the state is created by update(), with or without a set.
+    with pytest.raises(ValueError, match="ts: same-equivariance"):
+        SampleVarianceSE().update("conv", torch.randn(3, 4, 2, 5, 5))
+    tvse = TransformationVarianceSE()
+    tvse.update("conv", torch.randn(3, 4, 2, 5, 5), ts=T.c4())
+    assert tvse.compute()["conv"].shape == (2, 5, 5)
+
+
+def test_chunked_pairwise_sums_and_merged_states_are_exact(monkeypatch):
+    from tmlib.measures import distance
+    from tmlib.measures.base import LayerInfo, PassContext
+
+    torch.manual_seed(6)
+    x = torch.randn(7, 9, 5) * 3 + 1
+    full = (
+        torch.cdist(x.double(), x.double(), compute_mode="donot_use_mm_for_euclid_dist")
+        .triu(1)
+        .sum((1, 2))
+    )
+    a = x[..., 0].double()
+    scalars = (a[:, :, None] - a[:, None, :]).abs().sum((1, 2)) / 2
+    for chunk in (1 << 22, 20, 1):  # default, a few rows/groups per chunk, one at a time
+        monkeypatch.setattr(distance, "_CHUNK_ELEMENTS", chunk)
+        np.testing.assert_allclose(distance.pairwise_distance_sum(x), full, rtol=1e-12)
+        np.testing.assert_allclose(distance.pairwise_distance_sum(x[..., :1]), scalars, rtol=1e-12)
+    # A state fed in two parts and merged equals one fed at once (columns pair across the parts).
+    layer, context = LayerInfo("conv", (2, 3, 3)), PassContext(m=4)
+    block = torch.randn(9, 4, 2, 3, 3)
+    new = lambda: distance.PairwiseDistances(layer, context, "channel", False, True, 1.0)
+    whole, left, right = new(), new(), new()
+    whole.update(block)
+    left.update(block[:4])
+    right.update(block[4:])
+    merged = left.merge(right)
+    np.testing.assert_allclose(merged.sample(), whole.sample(), rtol=1e-12)
+    np.testing.assert_allclose(merged.transformational(), whole.transformational(), rtol=1e-12)

@@ -1,0 +1,388 @@
+"""Same-equivariance measures (Quiroga, CLEI EJ 2021): does a feature map follow its input?
+
+A feature map F is *same-equivariant* to a transformation t when F(t x) = t F(x): rotating the
+input rotates the map the same way. Two views of it:
+
+* Variance-based (TVSE, SVSE, NVSE). Every output of the ST pass is transformed back,
+  B_ij = t_j⁻¹(F(t_j(x_i))), spatially on every channel of the [C, H, W] map, with the exact
+  inverse of the full affine matrix (``ts.inverse().apply_each(block, fill=0)``; the normalised
+  matrix acts on any H×W, so a 7×7 map is de-transformed by the same matrix as the 28×28 input).
+  Then TV, SV and NV exactly as in :mod:`tmlib.measures.variance`, on B instead of A
+  (``mode="element"|"channel"``, ``stat="std"|"var"``). TVSE = 0: perfectly same-equivariant.
+* Distance-based (DSES): per channel, d_ij = sqrt(mean_hw (F(t_j x_i) − t_j F(x_i))²), averaged
+  over all n·m pairs (i, j); ``normalize=True`` L2-normalises both maps before comparing them (as
+  the reference library does; all-zero maps stay zero). Output [C] per layer. The warps of
+  F(x_i) use ``ts.apply(·, fill=0)``.
+
+Only feature maps can be same-equivariant: layers whose activation has no spatial dimensions
+([F], e.g. Linear outputs) are skipped — their states do nothing, and results list them under
+``metadata["skipped_layers"]``. A pass in which no layer has spatial dimensions is an error.
+
+Bilinear warps lose content at the borders and interpolate, so only exact groups (``c4()``,
+``d4()``, ``flips()``) can give exactly 0; affine sets give small positive values even for a
+perfectly equivariant map. ``ExactTransformationSet`` shifts (``cyclic_shifts``) are in pixels of
+the *input*: on a downsampled feature map they are not the same translation.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Hashable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..results import MeasureResult
+from .base import LayerInfo, Measure, PassContext
+from .distance import l2_normalize_maps
+from .moments import STMoments
+from .variance import _VarianceMeasure, divide_nv
+
+__all__ = [
+    "DetransformedMoments",
+    "DistanceSameEquivariance",
+    "NormalizedVarianceSE",
+    "ReferenceOutputs",
+    "SameEquivarianceDistanceState",
+    "SampleVarianceSE",
+    "TransformationVarianceSE",
+    "identity_index",
+]
+
+_SKIP_NOTE = "no spatial dimensions"
+
+
+def _inverse_set(ts: Any):
+    """The set of exact inverses of ``ts``, or a ValueError that says what is missing."""
+    inverse = getattr(ts, "inverse", None)
+    if ts is None or not callable(inverse):
+        raise ValueError(
+            f"ts: same-equivariance needs a transformation set with an exact inverse (ts.inverse(), "
+            f"e.g. tmlib.transforms.rotations(...) or c4()), got {type(ts).__name__ if ts is not None else None}"
+        )
+    try:
+        inv = inverse()
+    except NotImplementedError:
+        inv = None
+    if inv is None or not callable(getattr(inv, "apply_each", None)):
+        raise ValueError(
+            f"ts: same-equivariance needs a transformation set with an exact inverse; "
+            f"{type(ts).__name__}.inverse() gives no set with apply_each"
+        )
+    return inv
+
+
+def identity_index(ts: Any, tol: float = 1e-12) -> int | None:
+    """Index of the first matrix of ``ts`` equal to eye(3) within ``tol``; None if none (or no
+    ``matrices`` attribute)."""
+    matrices = getattr(ts, "matrices", None)
+    if matrices is None:
+        return None
+    matrices = torch.as_tensor(matrices, dtype=torch.float64).cpu()
+    close = (matrices - torch.eye(3, dtype=torch.float64)).abs().amax(dim=(1, 2)) <= tol
+    hits = close.nonzero().flatten()
+    return int(hits[0]) if len(hits) else None
+
+
+def _maps(block: torch.Tensor, layer: LayerInfo, leading: int) -> torch.Tensor:
+    """[*lead, *shape] → [*lead, C', H, W] (all dims before H, W merged into channels), float."""
+    x = block.reshape(*block.shape[:leading], -1, layer.shape[-2], layer.shape[-1])
+    return x if x.is_floating_point() else x.float()
+
+
+# ---------------------------------------------------------------------------- states
+
+
+class DetransformedMoments:
+    """STMoments of B_ij = t_j⁻¹(F(t_j(x_i))) for a spatial layer; a no-op for other layers.
+
+    ``update(block [b, m, *shape])`` de-transforms slice j by the exact inverse of matrix j
+    (``ts.inverse().apply_each``, background 0) and feeds the result to an :class:`STMoments`.
+    """
+
+    def __init__(self, layer: LayerInfo, context: PassContext) -> None:
+        self.inverse = _inverse_set(
+            context.ts
+        )  # checked for every layer: fail before the pass runs
+        self.layer = layer
+        self.moments = (
+            STMoments(context.m, int(np.prod(layer.shape)), context.device, context.backend)
+            if layer.spatial
+            else None
+        )
+
+    def update(self, block: torch.Tensor) -> None:
+        if self.moments is None:
+            return  # non-spatial layer: skipped, see the module docstring
+        self.moments.update(self.inverse.apply_each(_maps(block, self.layer, 2), fill=0.0))
+
+    def merge(self, other: DetransformedMoments) -> DetransformedMoments:
+        if self.moments is not None:
+            self.moments.merge(other.moments)
+        return self
+
+    def is_finite(self) -> bool:
+        return self.moments is None or self.moments.is_finite()
+
+
+class ReferenceOutputs:
+    """Reference-pass state: the outputs F(x_i) of the untransformed samples, for DSES.
+
+    Kept as float32 [b, *shape] blocks, in order: n·C·H·W·4 bytes per spatial layer (e.g. 1 GB for
+    10,000 samples of a 32×28×28 layer), capped by ``max_memory_mb``. Nothing is kept for
+    non-spatial layers, nor when ``ts`` contains the identity (that column of the main pass is
+    F(x_i) already). Read with :meth:`read` by sample index: both passes see the samples in the
+    same order, so the main pass's k-th sample is row k here, whatever the block sizes.
+    """
+
+    def __init__(self, layer: LayerInfo, context: PassContext, max_memory_mb: float) -> None:
+        self.layer = layer
+        self.active = layer.spatial and identity_index(context.ts) is None
+        self.max_bytes = float(max_memory_mb) * 2**20
+        self.blocks: list[torch.Tensor] = []
+        self.starts: list[int] = []  # first sample index of each block
+        self.n = 0
+
+    def update(self, block: torch.Tensor) -> None:
+        if not self.active:
+            return
+        needed = (self.n + block.shape[0]) * int(np.prod(self.layer.shape)) * 4
+        if needed > self.max_bytes:
+            raise ValueError(
+                f"layer {self.layer.name!r}: DistanceSameEquivariance's reference pass keeps F(x) of every "
+                f"untransformed sample, more than {needed / 2**20:.1f} MB after {self.n + block.shape[0]} "
+                f"samples, over max_memory_mb={self.max_bytes / 2**20:g}; include the identity in ts "
+                "(then nothing is stored), observe fewer layers (layers=[...]), or raise max_memory_mb"
+            )
+        self.starts.append(self.n)
+        self.blocks.append(block.to(torch.float32, copy=True))  # copy: in-place ops may follow
+        self.n += block.shape[0]
+
+    def read(self, start: int, count: int) -> torch.Tensor:
+        """Rows [start, start + count) as [count, *shape]."""
+        if start + count > self.n:
+            raise RuntimeError(
+                f"layer {self.layer.name!r}: the main pass reached sample {start + count} but the reference "
+                f"pass stored only {self.n}; both passes must see the same samples in the same order"
+            )
+        parts, k = [], bisect.bisect_right(self.starts, start) - 1
+        while count > 0:
+            offset = start - self.starts[k]
+            take = min(count, self.blocks[k].shape[0] - offset)
+            parts.append(self.blocks[k][offset : offset + take])
+            start, count, k = start + take, count - take, k + 1
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class SameEquivarianceDistanceState:
+    """Σ over (i, j) of d_ij = sqrt(mean_hw (F(t_j x_i) − t_j F(x_i))²) per channel, float64 [C'].
+
+    F(x_i) is the identity column of the block when ``ts`` has one, else read from the
+    :class:`ReferenceOutputs` of the same layer with a running sample cursor.
+    """
+
+    def __init__(
+        self,
+        layer: LayerInfo,
+        context: PassContext,
+        normalize: bool,
+        reference: ReferenceOutputs | None,
+    ) -> None:
+        self.layer = layer
+        self.ts = context.ts
+        self.normalize = normalize
+        self.m = context.m
+        self.identity = identity_index(context.ts)
+        self.reference = reference if self.identity is None else None
+        self.spatial = layer.spatial
+        self.total: torch.Tensor | None = None
+        self.count = 0  # pairs (i, j) seen
+        self.n = 0  # samples seen: the cursor into the reference outputs
+
+    def update(self, block: torch.Tensor) -> None:
+        if not self.spatial:
+            return
+        b = block.shape[0]
+        y = _maps(block, self.layer, 2)  # [b, m, C', H, W]
+        if self.identity is not None:
+            fx = y[:, self.identity]
+        else:
+            fx = _maps(self.reference.read(self.n, b), self.layer, 1).to(
+                device=y.device, dtype=y.dtype
+            )
+        expected = self.ts.apply(fx, fill=0.0)  # t_j F(x_i): [b, m, C', H, W]
+        y, expected = y.to(torch.float64), expected.to(torch.float64)
+        if self.normalize:
+            y = l2_normalize_maps(y.flatten(-2)).unflatten(-1, y.shape[-2:])
+            expected = l2_normalize_maps(expected.flatten(-2)).unflatten(-1, expected.shape[-2:])
+        d = (y - expected).square().mean(dim=(-2, -1)).sqrt().sum(dim=(0, 1))  # [C']
+        self.total = d if self.total is None else self.total + d
+        self.count += b * self.m
+        self.n += b
+        if self.reference is not None and self.n == self.reference.n:
+            self.reference = None  # everything read: let the stored outputs be freed with the pass
+
+    def merge(self, other: SameEquivarianceDistanceState) -> SameEquivarianceDistanceState:
+        if other.total is not None:
+            self.total = (
+                other.total.clone()
+                if self.total is None
+                else self.total + other.total.to(self.total.device)
+            )
+        self.count += other.count
+        self.n += other.n
+        return self
+
+    def is_finite(self) -> bool:
+        return self.total is None or bool(torch.isfinite(self.total).all())
+
+    def mean(self) -> np.ndarray:
+        return (self.total / self.count).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------- measures
+
+
+class _SpatialOnly(Measure):
+    """Computes spatial layers only; the others go to ``metadata["skipped_layers"]``."""
+
+    def compute(self, metadata: dict[str, Any] | None = None) -> MeasureResult:
+        values, skipped = {}, {}
+        for name, info in self._layers.items():
+            if info.spatial:
+                values[name] = self.compute_layer(self._states[name], info)
+            else:
+                skipped[name] = _SKIP_NOTE
+        if not values:
+            raise ValueError(
+                f"{self.name}: no observed layer has spatial dimensions [C, H, W]; same-equivariance "
+                f"compares feature maps with transformed feature maps. Skipped layers: {list(skipped)}"
+            )
+        meta = {
+            "measure": self.name,
+            **self.options(),
+            **(metadata or {}),
+            "skipped_layers": skipped,
+        }
+        return MeasureResult(self.name, values, meta)
+
+
+class _VarianceSE(_SpatialOnly, _VarianceMeasure):
+    """TV/SV/NV of the de-transformed ST matrix; options ``mode`` and ``stat`` as the variance family."""
+
+    def statistic_key(self) -> Hashable:
+        return ("same-equivariance-moments",)
+
+    def new_state(self, layer: LayerInfo, context: PassContext) -> DetransformedMoments:
+        return DetransformedMoments(layer, context)
+
+
+class TransformationVarianceSE(_VarianceSE):
+    """TVSE: mean over samples of the spread over transformations of t_j⁻¹ F(t_j x_i); 0 when F is
+    same-equivariant. Per activation (``mode="element"``, [C, H, W]) or channel ([C])."""
+
+    short_name = "TVSE"
+
+    def compute_layer(self, state: DetransformedMoments, layer: LayerInfo) -> np.ndarray:
+        return self._finish(self._tv(state.moments, layer), layer)
+
+
+class SampleVarianceSE(_VarianceSE):
+    """SVSE: mean over transformations of the spread over samples of t_j⁻¹ F(t_j x_i)."""
+
+    short_name = "SVSE"
+
+    def compute_layer(self, state: DetransformedMoments, layer: LayerInfo) -> np.ndarray:
+        return self._finish(self._sv(state.moments, layer), layer)
+
+
+class NormalizedVarianceSE(_VarianceSE):
+    """NVSE = TVSE / SVSE with NV's convention (0/0 → 1, x/0 → +inf); channel mode divides the
+    channel means."""
+
+    short_name = "NVSE"
+
+    def compute_layer(self, state: DetransformedMoments, layer: LayerInfo) -> np.ndarray:
+        tv = self._finish(self._tv(state.moments, layer), layer)
+        sv = self._finish(self._sv(state.moments, layer), layer)
+        return divide_nv(tv, sv)
+
+
+class DistanceSameEquivariance(_SpatialOnly):
+    """DSES: mean over samples and transformations of sqrt(mean_hw (F(t_j x) − t_j F(x))²), per channel.
+
+    Args:
+        normalize: L2-normalise both maps before comparing them.
+        reference: how F(x) of the *untransformed* samples is obtained. ``False`` (default): from the
+            identity transformation of ``ts`` (a matrix equal to eye(3)), so the model still sees
+            exactly n·m images; a ``ts`` without the identity then raises a ValueError. ``True``: one
+            extra forward of the n untransformed samples (the engine's reference pass), whose
+            outputs are kept per spatial layer as float32 [n, C, H, W] (≤ ``max_memory_mb`` each)
+            and read back in order. The engine asks for the reference pass before it sees ``ts``,
+            so this cannot be decided automatically; with ``reference=True`` and an identity in
+            ``ts``, the pass still runs but nothing is stored and the identity column is used.
+        max_memory_mb: cap on the reference outputs kept per layer.
+
+    Returns per spatial layer a float64 array [C]; non-spatial layers are skipped (metadata).
+    """
+
+    short_name = "DSES"
+
+    def __init__(
+        self, normalize: bool = False, reference: bool = False, max_memory_mb: float = 1024.0
+    ) -> None:
+        super().__init__()
+        if not isinstance(normalize, bool) or not isinstance(reference, bool):
+            raise TypeError(
+                f"normalize and reference must be True or False, got {normalize!r}, {reference!r}"
+            )
+        if not max_memory_mb > 0:
+            raise ValueError(f"max_memory_mb must be positive, got {max_memory_mb!r}")
+        self.normalize = normalize
+        self.reference = reference
+        self.max_memory_mb = float(max_memory_mb)
+
+    def options(self) -> dict:
+        return {"normalize": self.normalize}
+
+    def statistic_key(self) -> Hashable:
+        return ("same-equivariance-distance", self.normalize, self.reference, self.max_memory_mb)
+
+    def reference_key(self) -> Hashable | None:
+        return ("untransformed-outputs", self.max_memory_mb) if self.reference else None
+
+    def new_reference_state(self, layer: LayerInfo, context: PassContext) -> ReferenceOutputs:
+        return ReferenceOutputs(layer, context, self.max_memory_mb)
+
+    def new_state(self, layer: LayerInfo, context: PassContext) -> SameEquivarianceDistanceState:
+        ts = context.ts
+        if ts is None or not callable(getattr(ts, "apply", None)):
+            raise ValueError(
+                "ts: DistanceSameEquivariance transforms F(x) by the set itself, so it needs a "
+                f"transformation set with apply(), got {type(ts).__name__ if ts is not None else None}"
+            )
+        reference = None
+        if identity_index(ts) is None:
+            if not self.reference:
+                raise ValueError(
+                    f"ts {getattr(ts, 'name', type(ts).__name__)!r} contains no identity transformation, so "
+                    "F(x) of the untransformed samples is not among the n·m forwards; use "
+                    "DistanceSameEquivariance(reference=True) (one extra forward of the n samples, storing "
+                    "[n, C, H, W] float32 per layer) or include the identity in ts"
+                )
+            reference = context.references.get((self.reference_key(), layer.name))
+            if reference is None and layer.spatial:
+                raise ValueError(
+                    f"layer {layer.name!r}: no reference-pass outputs; DistanceSameEquivariance(reference=True) "
+                    "must be evaluated with tmlib.measures.evaluate"
+                )
+        return SameEquivarianceDistanceState(layer, context, self.normalize, reference)
+
+    def compute_layer(self, state: SameEquivarianceDistanceState, layer: LayerInfo) -> np.ndarray:
+        return state.mean()
+
+    def compute(self, metadata: dict[str, Any] | None = None) -> MeasureResult:
+        result = super().compute(metadata)
+        result.metadata["reference_pass"] = self.reference
+        return result
