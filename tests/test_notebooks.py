@@ -24,6 +24,8 @@ SMALLEST = {
     "04_model_comparison": {**TINY, "architectures": ["SimpleConv", "TIPooling"]},
     "05_sample_size": {k: v for k, v in TINY.items() if k not in ("n_samples", "n_test")} | {"sizes": [4, 8]},
     "06_architecture": {**TINY},
+    "07_measure_comparison": {**TINY, "firing_rates": [0.05, 0.1]},
+    "08_same_equivariance": {**TINY, "transformations": ["rotation", "translation"]},
 }
 
 
@@ -54,6 +56,8 @@ FIGURES = {
     "04_model_comparison": ["04_model_comparison.png", "04_model_comparison.csv"],
     "05_sample_size": ["05_sample_size.png", "05_sample_size.csv"],
     "06_architecture": ["06_architecture.png", "06_architecture.csv"],
+    "07_measure_comparison": ["07_measure_comparison.png", "07_measure_comparison.csv", "07_goodfellow_sweep.png"],
+    "08_same_equivariance": ["08_same_equivariance.png", "08_same_equivariance.csv"],
 }
 
 

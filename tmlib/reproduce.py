@@ -39,6 +39,8 @@ NOTEBOOKS: dict[str, dict[str, dict[str, Any]]] = {
     "04_model_comparison": {"quick": {}, "paper": {}},
     "05_sample_size": {"quick": {}, "paper": {}},
     "06_architecture": {"quick": {}, "paper": {}},
+    "07_measure_comparison": {"quick": {}, "paper": {}},
+    "08_same_equivariance": {"quick": {}, "paper": {}},
 }
 
 
