@@ -30,6 +30,7 @@ reproduce: env data
 
 bench: env data
 	$(PYTHON) benchmarks/bench_engine.py
+	$(PYTHON) benchmarks/bench_measures.py
 
 lint: env
 	$(VENV)/bin/ruff check tmlib tests benchmarks

@@ -37,6 +37,16 @@ def _as_frame(curves: Mapping[str, MeasureResult] | pd.DataFrame) -> pd.DataFram
     return pd.concat(frames, ignore_index=True)
 
 
+def _label_layer_axis(ax: plt.Axes, frame: pd.DataFrame, x: str) -> None:
+    """Layer names as ticks (one architecture) or depth in % (several architectures)."""
+    if x == "layer":
+        first = frame.drop_duplicates("index").sort_values("index")
+        ax.set_xticks(first["index"], first["layer"], rotation=60, ha="right")
+        ax.set_xlabel("layer (forward order)")
+    else:
+        ax.set_xlabel("depth (% of layers)")
+
+
 def layer_curves(
     curves: Mapping[str, MeasureResult] | pd.DataFrame,
     ax: plt.Axes | None = None,
@@ -61,12 +71,7 @@ def layer_curves(
     for label, group in frame.groupby("label", sort=False):
         xs = group["index"] if x == "layer" else 100 * group["depth"]
         ax.plot(xs, group["value"], marker="o", markersize=4, label=label)
-    if x == "layer":
-        first = frame.drop_duplicates("index").sort_values("index")
-        ax.set_xticks(first["index"], first["layer"], rotation=60, ha="right")
-        ax.set_xlabel("layer (forward order)")
-    else:
-        ax.set_xlabel("depth (% of layers)")
+    _label_layer_axis(ax, frame, x)
     measure = frame["measure"].iloc[0] if "measure" in frame and len(frame) else "value"
     ax.set_ylabel(ylabel or f"{measure} (layer mean)")
     if ylim is not None:
@@ -97,12 +102,7 @@ def layer_bands(
         runs = part.groupby("index").size().iloc[0]
         ax.plot(xs, stats["mean"], marker="o", markersize=3, label=f"{label} (mean ± std of {runs})")
         ax.fill_between(xs, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.25)
-    if x == "layer":
-        first = frame.drop_duplicates("index").sort_values("index")
-        ax.set_xticks(first["index"], first["layer"], rotation=60, ha="right")
-        ax.set_xlabel("layer (forward order)")
-    else:
-        ax.set_xlabel("depth (% of layers)")
+    _label_layer_axis(ax, frame, x)
     ax.set_ylabel(ylabel)
     if ylim is not None:
         ax.set_ylim(*ylim)

@@ -59,21 +59,25 @@ def _params_hash(params: dict[str, Any]) -> str:
 
 
 def run(profile: str = "quick", names: list[str] | None = None, results_dir: str = "results",
-        force: bool = False) -> pd.DataFrame:
-    """Execute the notebooks (all, or ``names``) with ``profile``; return the summary table."""
+        force: bool = False, notebooks: dict[str, dict[str, dict[str, Any]]] | None = None,
+        notebooks_dir: str = "notebooks") -> pd.DataFrame:
+    """Execute the notebooks (all, or ``names``) with ``profile``; return the summary table.
+
+    ``notebooks`` (name → parameters per profile) and ``notebooks_dir`` default to the project's."""
     import papermill
 
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
-    names = names or list(NOTEBOOKS)
-    unknown = [n for n in names if n not in NOTEBOOKS]
+    notebooks = NOTEBOOKS if notebooks is None else notebooks
+    names = names or list(notebooks)
+    unknown = [n for n in names if n not in notebooks]
     if unknown:
-        raise ValueError(f"names: unknown notebooks {unknown}; known: {list(NOTEBOOKS)}")
+        raise ValueError(f"names: unknown notebooks {unknown}; known: {list(notebooks)}")
     out_dir = resolve(results_dir) / profile
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
-        params = {"profile": profile, **NOTEBOOKS[name][profile]}
+        params = {"profile": profile, "results_dir": str(resolve(results_dir)), **notebooks[name][profile]}
         marker = out_dir / f"{name}.done"
         done = marker.exists() and json.loads(marker.read_text()).get("params") == _params_hash(params)
         start = time.perf_counter()
@@ -84,7 +88,7 @@ def run(profile: str = "quick", names: list[str] | None = None, results_dir: str
             print(f"▶ {name} ({profile})", flush=True)
             try:
                 papermill.execute_notebook(
-                    str(resolve("notebooks") / f"{name}.ipynb"),
+                    str(resolve(notebooks_dir) / f"{name}.ipynb"),
                     str(out_dir / f"{name}.ipynb"),
                     parameters=params,
                     cwd=str(resolve(".")),
