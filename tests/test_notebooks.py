@@ -26,6 +26,10 @@ SMALLEST = {
     "06_architecture": {**TINY},
     "07_measure_comparison": {**TINY, "firing_rates": [0.05, 0.1]},
     "08_same_equivariance": {**TINY, "transformations": ["rotation", "translation"]},
+    "10_liegg": {"n_train": 300, "epochs": 1, "n_samples": 8, "depths": [1], "widths": [16],
+                 "cnn_options": {"filters": 2, "fc_units": 8}, "check_claims": False, "progress": False},
+    "11_lie_derivative": {"n_train": 200, "epochs": 1, "n_samples": 8, "n_test": 100, "check_claims": False,
+                          "progress": False},
 }
 
 
@@ -58,6 +62,8 @@ FIGURES = {
     "06_architecture": ["06_architecture.png", "06_architecture.csv"],
     "07_measure_comparison": ["07_measure_comparison.png", "07_measure_comparison.csv", "07_goodfellow_sweep.png"],
     "08_same_equivariance": ["08_same_equivariance.png", "08_same_equivariance.csv"],
+    "10_liegg": ["10_liegg.png", "10_liegg.csv", "10_liegg_generator.png"],
+    "11_lie_derivative": ["11_lie_derivative.png", "11_lie_derivative.csv"],
 }
 
 

@@ -1,0 +1,80 @@
+"""Cost of tmlib.lie in forward-equivalents: time of the JVP-based computation divided by the time of
+a plain ``torch.no_grad()`` forward of the same images, per generator.
+
+    python benchmarks/bench_lie.py [--n 256] [--batch-size 64] [--repeats 5] [--threads 1]
+
+LEE (``lie_equivariance_error``) is timed with k = 1 and k = 5 generators (all observed layers at
+once), LieGG with its 4 basis generators; the ratio is divided by k. Best of ``repeats`` runs after
+a warm-up (the first vmap call traces). Models: SimpleConv (quick-profile size) and an MLP. The last
+row per model times the input tangents alone (central differences), which the JVP rows include: for a
+tiny MLP whose forward is ~0.3 ms per batch, they and the per-call overhead of torch.func dominate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+from tmlib import lie, models
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def forward(model, x, batch_size):
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            model(x[start:start + batch_size])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(args.n, 1, 28, 28)
+    nets = {
+        "SimpleConv(16, 64)": models.SimpleConv(filters=16, fc_units=64).eval(),
+        "MLP 3×128": nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                                   nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)).eval(),
+    }
+    five = ["rotation", "scale", "shear_x", "translation_x", "translation_y"]
+    gens = torch.stack([lie.generator_matrix(g) for g in five])
+    print(f"n={args.n} images, batch {args.batch_size}, {args.threads} thread(s), best of {args.repeats}")
+    print(f"{'model':20s} {'computation':34s} {'seconds':>8s} {'fwd-equiv':>10s} {'per generator':>14s}")
+    for name, model in nets.items():
+        t_fwd = best_time(lambda model=model: forward(model, x, args.batch_size), args.repeats)
+        print(f"{name:20s} {'plain forward (no_grad)':34s} {t_fwd:8.3f} {1.0:10.2f} {'':>14s}")
+        cases = [
+            ("LEE, output, 1 generator", 1, lambda model=model: lie.lie_equivariance_error(
+                model, x, ["rotation"], layers=["output"], batch_size=args.batch_size, progress=False)),
+            ("LEE, output, 5 generators", 5, lambda model=model: lie.lie_equivariance_error(
+                model, x, five, layers=["output"], batch_size=args.batch_size, progress=False)),
+            ("LEE, all layers, 5 generators", 5, lambda model=model: lie.lie_equivariance_error(
+                model, x, five, batch_size=args.batch_size, progress=False)),
+            ("LieGG, output, 4 basis generators", 4, lambda model=model: lie.liegg(
+                model, x, batch_size=args.batch_size, progress=False)),
+            ("  of which: input tangents (5 gen.)", 5, lambda: [
+                lie.tangents(x[s:s + args.batch_size], gens) for s in range(0, len(x), args.batch_size)]),
+        ]
+        for label, k, fn in cases:
+            t = best_time(fn, args.repeats)
+            print(f"{name:20s} {label:34s} {t:8.3f} {t / t_fwd:10.2f} {t / t_fwd / k:14.2f}")
+
+
+if __name__ == "__main__":
+    main()
