@@ -43,7 +43,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "n_train": 6000,
         "epochs": 3,
         "n_samples": 200,
-        "n_test": 1000,
+        "n_test": 500,
         "batch_size": 128,
         "simpleconv": {"filters": 16, "fc_units": 64},
     },
