@@ -290,3 +290,24 @@ def test_save_load_round_trip(tmp_path, small_cnn):
     assert frame["dataset"].iloc[0] == "toy" and frame["depth"].iloc[-1] == 1.0
     assert frame["value"].tolist() == pytest.approx(r.layer_means().tolist())
     assert not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("agg", ["mean", "sum", "max"])
+def test_aggregate_mode_measures_the_collapsed_feature_maps(small_cnn, agg):
+    torch.manual_seed(4)
+    x, ts = torch.randn(9, 1, 8, 8), T.rotations(6)
+    ms = [TransformationVariance(mode="aggregate", agg=agg), SampleVariance(mode="aggregate", agg=agg),
+          NormalizedVariance(mode="aggregate", agg=agg), NormalizedVariance()]
+    r = evaluate(small_cnn, x, ts, ms, batch_size=4, progress=False)
+    outputs = activations.record(small_cnn, ts.apply(x).reshape(54, 1, 8, 8))
+    reduce = {"mean": lambda a: a.mean(-1), "sum": lambda a: a.sum(-1), "max": lambda a: a.max(-1)}[agg]
+    for layer, out in outputs.items():
+        values = out.double().reshape(9, 6, *out.shape[1:]).numpy()
+        if values.ndim == 5:
+            values = reduce(values.reshape(9, 6, values.shape[2], -1))
+        expected = brute_force(values.reshape(9, 6, -1), values.shape[2:], "element", "std")
+        for short, measure in zip(("TV", "SV", "NV"), ms):
+            np.testing.assert_allclose(r[measure.name][layer], expected[short], rtol=1e-6, atol=1e-12)
+    assert r[f"NV[aggregate,std,{agg}]"]["0"].shape == (4,)
+    with pytest.raises(ValueError, match="agg must be"):
+        NormalizedVariance(mode="aggregate", agg="median")

@@ -76,7 +76,7 @@ def test_experiment_notebook(name, tmp_path):
         assert "skipped: cifar10" in text and "cifar-10-batches-py" in text  # said, not silent
     for filename in FIGURES[name]:
         assert (tmp_path / "figures" / filename).stat().st_size > 1000, filename
-    summary = json.loads((tmp_path / "results" / "summaries" / f"{name}.json").read_text())
+    summary = json.loads((tmp_path / "results" / "summaries" / f"quick-{name}.json").read_text())
     assert summary["key"]
     frame = pd.read_csv(tmp_path / "figures" / FIGURES[name][1]) if FIGURES[name][1].endswith(".csv") else None
     if frame is not None:
@@ -99,6 +99,6 @@ def test_quickstart_notebook(tmp_path):
     assert set(frame["training"]) == {"no augmentation", "rotation augmentation"}
     assert frame["layer"].tolist()[:3] == ["conv0", "act0", "conv1"]
     assert len(frame) == 2 * 15 and frame["value"].between(0, 10).all()
-    summary = json.loads((tmp_path / "results" / "summaries" / "00_quickstart.json").read_text())
+    summary = json.loads((tmp_path / "results" / "summaries" / "quick-00_quickstart.json").read_text())
     assert summary["key"] == "NV drop, last 4 layers" and isinstance(summary["value"], float)
     assert len(list((tmp_path / "models").glob("SimpleConv-*.pt"))) == 2

@@ -24,7 +24,7 @@ def _notebook(path, body):
 def test_run_reports_skips_finished_and_retries_failed(tmp_path):
     (tmp_path / "nbs").mkdir()
     _notebook(tmp_path / "nbs" / "a.ipynb",
-              "from tmlib import reproduce\nreproduce.report('a', 'answer', 42, results_dir=results_dir)")
+              "from tmlib import reproduce\nreproduce.report('a', 'answer', 42, results_dir=results_dir, profile=profile)")
     _notebook(tmp_path / "nbs" / "b.ipynb", "assert not fail, 'asked to fail'")
     registry = {"a": {"quick": {}, "paper": {}}, "b": {"quick": {"fail": True}, "paper": {}}}
     kw = dict(results_dir=str(tmp_path / "results"), notebooks=registry, notebooks_dir=str(tmp_path / "nbs"))

@@ -102,3 +102,13 @@ def test_bad_input_errors():
         T.TransformationSet(torch.zeros(1, 3, 3) + torch.tensor([0, 0, 1.0]).view(1, 3))
     with pytest.raises(ValueError, match="square"):
         T.c4().apply(torch.randn(1, 1, 4, 6))
+
+
+def test_cyclic_shifts_scale_to_feature_maps():
+    ts = T.cyclic_shifts([(0, 0), (2, 0), (4, 4)], 8)
+    x = torch.randn(2, 1, 8, 8)
+    pooled = torch.nn.functional.avg_pool2d(ts.apply(x).flatten(0, 1), 2).reshape(2, 3, 1, 4, 4)
+    # avg pooling is exactly shift-equivariant: pool(roll(x, 2)) = roll(pool(x), 1)
+    assert torch.allclose(ts.inverse().apply_each(pooled), pooled[:, :1].expand_as(pooled), atol=1e-6)
+    with pytest.raises(ValueError, match="not whole pixels"):
+        T.cyclic_shifts([(1, 0)], 8).apply(torch.randn(1, 1, 4, 4))

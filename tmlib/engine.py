@@ -146,6 +146,8 @@ def _single_pass(model, blocks, expand, m, layers, kinds, new_state, device, pro
                 expanded = expand(xb).reshape(b * m, *xb.shape[1:])
                 model(expanded)
                 images += expanded.shape[0]
+                if current["first"]:
+                    observer.check_seen()  # a misspelt `path#k` fails now, not after the whole pass
                 current["first"] = False
                 for (_, name), state in states.items():
                     if hasattr(state, "is_finite") and not state.is_finite():
@@ -222,12 +224,15 @@ def evaluate(
         raise ValueError(f"x: at least 2 samples are needed for the sample variance, got n={n}")
     if fill is None:
         fill = getattr(x, "fill", 0.0)
+    if isinstance(fill, torch.Tensor):
+        fill = fill.item() if fill.numel() == 1 else fill.flatten().tolist()
     if backend == "auto" and device.type == "cpu":
         _set_numba_threads()
 
     context = PassContext(m=m, n=n, device=device, backend=backend, ts=ts, fill=fill)
     images = 0
-    was_training = model.training
+    # Restore each module's own mode afterwards (a frozen BatchNorm inside a training model stays frozen).
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         references: dict[Hashable, Measure] = {}
@@ -253,7 +258,8 @@ def evaluate(
         )
         images += seen
     finally:
-        model.train(was_training)
+        for module, mode in modes.items():
+            module.training = mode
 
     base_meta = {
         "model": getattr(model, "paper_name", type(model).__name__),

@@ -520,11 +520,15 @@ def build(name: str, **kwargs: Any) -> nn.Module:
 def observable_layers(model: nn.Module, example_input: torch.Tensor | None = None) -> list[str]:
     """Names of the layers of ``model`` whose outputs can be observed with forward hooks.
 
-    Uses ``model.layer_names()`` when the model defines it. Otherwise, with
-    ``example_input``, runs one no-grad eval-mode forward with hooks on every leaf module
-    and returns paths in call order, the k-th call of a reused module named ``path#k``.
-    Without an example, returns leaf paths in ``named_modules()`` order. Flatten, Dropout
-    and Identity leaves are left out; a childless root is named by its class name.
+    Uses ``model.layer_names()`` when the model defines it (the paper models: these are exactly
+    the layers ``evaluate`` measures by default). Otherwise, with ``example_input``, runs one
+    no-grad eval-mode forward with hooks on every leaf module and returns paths in call order,
+    the k-th call of a reused module named ``path#k``; without an example, leaf paths in
+    ``named_modules()`` order, which may differ from the call order. Flatten, Dropout and
+    Identity leaves are left out here (they repeat or pass through their input), whereas
+    ``evaluate`` observes every leaf of a model without ``layer_names()``: pass
+    ``layers=observable_layers(model, x[:1])`` to measure only these. A childless root is named by
+    its class name.
     """
     if callable(getattr(model, "layer_names", None)):
         return list(model.layer_names())

@@ -46,14 +46,17 @@ NOTEBOOKS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def _summary_path(name: str, results_dir: str | Path = "results") -> Path:
-    return resolve(results_dir) / "summaries" / f"{name}.json"
+def _summary_path(name: str, results_dir: str | Path = "results", profile: str | None = None) -> Path:
+    folder = resolve(results_dir) / "summaries"
+    return folder / (f"{name}.json" if profile is None else f"{profile}-{name}.json")
 
 
-def report(name: str, key: str, value: Any, results_dir: str | Path = "results") -> None:
-    """Called at the end of a notebook: the key number that the summary table shows for it."""
+def report(name: str, key: str, value: Any, results_dir: str | Path = "results", profile: str | None = None) -> None:
+    """Called at the end of a notebook: the key number that the summary table shows for it.
+
+    Notebooks pass their ``profile`` so that quick and paper runs keep separate numbers."""
     payload = json.dumps({"key": key, "value": value}, default=float)
-    atomic_write(_summary_path(name, results_dir), lambda tmp: Path(tmp).write_text(payload))
+    atomic_write(_summary_path(name, results_dir, profile), lambda tmp: Path(tmp).write_text(payload))
 
 
 def _params_hash(params: dict[str, Any]) -> str:
@@ -83,11 +86,15 @@ def run(profile: str = "quick", names: list[str] | None = None, results_dir: str
         marker = out_dir / f"{name}.done"
         done = marker.exists() and json.loads(marker.read_text()).get("params") == _params_hash(params)
         start = time.perf_counter()
+        summary = _summary_path(name, results_dir, profile)
         if done and not force:
             status = "reused"
             seconds = json.loads(marker.read_text())["seconds"]
         else:
             print(f"▶ {name} ({profile})", flush=True)
+            # Nothing of an earlier run may vouch for this one: it must finish to count.
+            marker.unlink(missing_ok=True)
+            summary.unlink(missing_ok=True)
             try:
                 papermill.execute_notebook(
                     str(resolve(notebooks_dir) / f"{name}.ipynb"),
@@ -104,8 +111,8 @@ def run(profile: str = "quick", names: list[str] | None = None, results_dir: str
             if status == "ok":
                 info = json.dumps({"params": _params_hash(params), "seconds": seconds})
                 atomic_write(marker, lambda tmp: Path(tmp).write_text(info))
-        summary = _summary_path(name, results_dir)
-        key = json.loads(summary.read_text()) if summary.exists() else {"key": "", "value": ""}
+        ok = status in ("ok", "reused")
+        key = json.loads(summary.read_text()) if ok and summary.exists() else {"key": "", "value": ""}
         rows.append({"notebook": name, "status": status, "wall time (s)": round(seconds, 1),
                      "key number": f"{key['key']} = {key['value']}" if key["key"] else ""})
     table = pd.DataFrame(rows)

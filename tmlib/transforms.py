@@ -265,7 +265,16 @@ class ExactTransformationSet(TransformationSet):
                 raise ValueError(f"exact rotations need square images, got H×W = {tuple(x.shape[-2:])}")
             x = torch.rot90(x, k, dims=(-2, -1))
         if dx or dy:
-            x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+            # The shift is a fraction of the image: on a feature map of another size (a pooled
+            # layer, for same-equivariance) it is rescaled, and must still be whole pixels.
+            h, w = x.shape[-2:]
+            sx, sy = dx * w / self.size, dy * h / self.size
+            if sx != int(sx) or sy != int(sy):
+                raise ValueError(
+                    f"cyclic shift ({dx}, {dy}) px of a {self.size}×{self.size} image is "
+                    f"({sx:g}, {sy:g}) px on a {h}×{w} map: not whole pixels, so not exact"
+                )
+            x = torch.roll(x, shifts=(int(sy), int(sx)), dims=(-2, -1))
         return x
 
     def inverse(self) -> ExactTransformationSet:
@@ -437,7 +446,10 @@ def flips() -> ExactTransformationSet:
 
 
 def cyclic_shifts(shifts: Sequence[tuple[int, int]], size: int) -> ExactTransformationSet:
-    """Cyclic translations by whole pixels ``(dx, dy)`` (``torch.roll``) of size×size images."""
+    """Cyclic translations by whole pixels ``(dx, dy)`` (``torch.roll``) of size×size images.
+
+    On maps of another size (feature maps) the shift is scaled by map size / ``size``, and must
+    stay a whole number of pixels."""
     if not shifts:
         raise ValueError("shifts must not be empty")
     return ExactTransformationSet([(0, False, dx, dy) for dx, dy in shifts], f"shifts{len(shifts)}", size)

@@ -33,8 +33,8 @@ Memory: per unit, a running top-K of the untransformed activations with their sa
 (8 bytes an entry: float32 value, int32 index). It yields the exact percentile, G and the set Z
 (every value above t is kept), so no [n, units] mask is stored and no identity transformation is
 needed in the set. K is what the threshold needs: q + 1 (percentile) or ⌊n/(1+z²)⌋ + 1 (normal:
-by Cantelli no more samples can lie above t). The engine does not tell states n in advance, so
-K follows the samples seen so far, n_s, with slack: K = min(n_s, 2 (ceil(rate·n_s) + 1) + 16)
+by Cantelli no more samples can lie above t). The engine tells states n (PassContext.n), which
+fixes K and makes it exact; when n is unknown (a state fed by hand), K follows the samples seen so far, n_s, with slack: K = min(n_s, 2 (ceil(rate·n_s) + 1) + 16)
 for percentile (36 entries at n = 1000, rate 0.01) and min(n_s, ⌊n_s/(1+z²)⌋ + 17) for normal
 (≈ 0.16 n at rate 0.01). Keeping a prefix's top-K is exact unless the sample order is far from
 random (e.g. sorted by class, with the first class making the unit fire); the largest dropped

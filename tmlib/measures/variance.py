@@ -12,7 +12,9 @@ TV = 0 (a dead or constant unit) → 1; SV = 0 and TV > 0 → +inf. Layer means 
 
 ``mode="element"`` gives one value per activation (shape [C, H, W] or [F]); ``mode="channel"``
 gives one per feature map, the ratio of the spatial means (NV_c = mean_hw TV / mean_hw SV), the
-default of the [Q23] experiments. On layers without spatial dimensions both modes agree.
+default of the [Q23] experiments; ``mode="aggregate"`` first collapses each feature map to one
+value (``agg="mean"``, ``"sum"`` or ``"max"`` over H, W) and then measures that value, as in the
+2019 paper. On layers without spatial dimensions all modes agree.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from .moments import STMoments
 
 __all__ = ["TransformationVariance", "SampleVariance", "NormalizedVariance", "divide_nv", "channel_mean"]
 
-_MODES = ("element", "channel")
+_MODES = ("element", "channel", "aggregate")
+_AGGREGATES = ("mean", "sum", "max")
 _STATS = ("std", "var")
 
 
@@ -46,30 +49,57 @@ def channel_mean(values: np.ndarray, layer: LayerInfo) -> np.ndarray:
     return values.reshape(-1, layer.shape[-2] * layer.shape[-1]).mean(axis=1)
 
 
+class AggregatedMoments(STMoments):
+    """STMoments of each feature map collapsed to one value (mean, sum or max over H, W)."""
+
+    def __init__(self, m: int, layer: LayerInfo, agg: str, device, backend: str):
+        self.spatial = layer.spatial
+        self.agg = agg
+        channels = int(np.prod(layer.shape[:-2])) if layer.spatial else int(np.prod(layer.shape))
+        super().__init__(m, channels, device, backend)
+
+    def update(self, block) -> None:
+        if self.spatial:
+            maps = block.flatten(-2)  # [b, m, ..., H·W]
+            block = maps.amax(-1) if self.agg == "max" else maps.sum(-1) if self.agg == "sum" else maps.mean(-1)
+        super().update(block)
+
+
 class _VarianceMeasure(Measure):
-    def __init__(self, mode: str = "element", stat: str = "std") -> None:
+    def __init__(self, mode: str = "element", stat: str = "std", agg: str = "mean") -> None:
         super().__init__()
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if stat not in _STATS:
             raise ValueError(f"stat must be one of {_STATS}, got {stat!r}")
+        if agg not in _AGGREGATES:
+            raise ValueError(f"agg must be one of {_AGGREGATES}, got {agg!r}")
         self.mode = mode
         self.stat = stat
+        self.agg = agg
 
     def options(self) -> dict:
-        return {"mode": self.mode, "stat": self.stat}
+        options = {"mode": self.mode, "stat": self.stat}
+        return {**options, "agg": self.agg} if self.mode == "aggregate" else options
 
     def statistic_key(self) -> Hashable:
-        return STMoments
+        return ("aggregate", self.agg) if self.mode == "aggregate" else STMoments
 
     def new_state(self, layer: LayerInfo, context: PassContext) -> STMoments:
+        if self.mode == "aggregate":
+            return AggregatedMoments(context.m, layer, self.agg, context.device, context.backend)
         return STMoments(context.m, int(np.prod(layer.shape)), context.device, context.backend)
 
+    def _shape(self, layer: LayerInfo) -> tuple[int, ...]:
+        if self.mode == "aggregate" and layer.spatial:
+            return (int(np.prod(layer.shape[:-2])),)
+        return layer.shape
+
     def _tv(self, state: STMoments, layer: LayerInfo) -> np.ndarray:
-        return state.transformational(self.stat).reshape(layer.shape)
+        return state.transformational(self.stat).reshape(self._shape(layer))
 
     def _sv(self, state: STMoments, layer: LayerInfo) -> np.ndarray:
-        return state.sample(self.stat).reshape(layer.shape)
+        return state.sample(self.stat).reshape(self._shape(layer))
 
     def _finish(self, values: np.ndarray, layer: LayerInfo) -> np.ndarray:
         return channel_mean(values, layer) if self.mode == "channel" else values
