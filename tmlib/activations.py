@@ -51,15 +51,18 @@ class LayerObserver:
             leaves. Names are validated against the model's modules up front; a ``#k`` name that is
             never reached in a forward is reported by :meth:`check_seen`.
         callback: called as ``callback(layer_name, output)`` for every observed call, in order.
+        detach: hand over ``output.detach()`` (default). ``False`` hands over the output as is, so
+            that under ``torch.func.jvp``/``vmap`` the dual tensor and its tangent survive.
 
     After each forward, ``order`` lists the observed layer names in the order of their first call.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str] | None, callback: Callback):
+    def __init__(self, model: nn.Module, layers: Sequence[str] | None, callback: Callback, detach: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.callback = callback
+        self.detach = detach
         modules = dict(model.named_modules())
         leaves = leaf_modules(model)
         self.selected: set[str] | None = None
@@ -119,7 +122,7 @@ class LayerObserver:
                 )
             if name not in self.order:
                 self.order.append(name)
-            self.callback(name, output.detach())
+            self.callback(name, output.detach() if self.detach else output)
 
         return hook
 

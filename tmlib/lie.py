@@ -239,26 +239,6 @@ def tangent(x: torch.Tensor, generator: str | torch.Tensor, fill: Any = None) ->
 # ---------------------------------------------------------------------------------- layer capture
 
 
-class _DualObserver(LayerObserver):
-    """A LayerObserver whose hooks hand over the layer output *as is* (not detached): under
-    torch.func.jvp/vmap it is the dual (batched) tensor, so its tangent survives."""
-
-    def _make_hook(self, path: str):
-        def hook(module, args, output):
-            k = self._counts.get(path, 0) + 1
-            self._counts[path] = k
-            name = path if k == 1 else f"{path}#{k}"
-            if self.selected is not None and name not in self.selected:
-                return
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"layer {name!r} returned {type(output).__name__}; only single tensors can be observed")
-            if name not in self.order:
-                self.order.append(name)
-            self.callback(name, output)
-
-        return hook
-
-
 def _default_layers(model: Any) -> list[str]:
     names = getattr(model, "layer_names", None)
     if callable(names):
@@ -300,7 +280,8 @@ def _layer_function(model: Any, layers: list[str]) -> Callable[[torch.Tensor], t
         if not hooked:
             return (model(x),)
         captured: dict[str, torch.Tensor] = {}
-        with _DualObserver(model, hooked, captured.__setitem__) as observer:
+        # Not detached: under torch.func.jvp/vmap the dual tensor carries the tangent.
+        with LayerObserver(model, hooked, captured.__setitem__, detach=False) as observer:
             out = model(x)
             observer.check_seen()
         return tuple(out if name == OUTPUT and name not in captured else captured[name] for name in layers)

@@ -55,6 +55,8 @@ def report(name: str, key: str, value: Any, results_dir: str | Path = "results",
     """Called at the end of a notebook: the key number that the summary table shows for it.
 
     Notebooks pass their ``profile`` so that quick and paper runs keep separate numbers."""
+    if profile is not None and profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES} or None, got {profile!r}")
     payload = json.dumps({"key": key, "value": value}, default=float)
     atomic_write(_summary_path(name, results_dir, profile), lambda tmp: Path(tmp).write_text(payload))
 
