@@ -47,6 +47,19 @@ def _label_layer_axis(ax: plt.Axes, frame: pd.DataFrame, x: str) -> None:
         ax.set_xlabel("depth (% of layers)")
 
 
+def _finish_axes(ax, frame, x, ylabel, ylim, title) -> plt.Axes:
+    """Axis labels, limits, title, grid and legend shared by the per-layer plots."""
+    _label_layer_axis(ax, frame, x)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax
+
+
 def layer_curves(
     curves: Mapping[str, MeasureResult] | pd.DataFrame,
     ax: plt.Axes | None = None,
@@ -71,16 +84,8 @@ def layer_curves(
     for label, group in frame.groupby("label", sort=False):
         xs = group["index"] if x == "layer" else 100 * group["depth"]
         ax.plot(xs, group["value"], marker="o", markersize=4, label=label)
-    _label_layer_axis(ax, frame, x)
     measure = frame["measure"].iloc[0] if "measure" in frame and len(frame) else "value"
-    ax.set_ylabel(ylabel or f"{measure} (layer mean)")
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return ax
+    return _finish_axes(ax, frame, x, ylabel or f"{measure} (layer mean)", ylim, title)
 
 
 def layer_bands(
@@ -102,15 +107,7 @@ def layer_bands(
         runs = part.groupby("index").size().iloc[0]
         ax.plot(xs, stats["mean"], marker="o", markersize=3, label=f"{label} (mean ± std of {runs})")
         ax.fill_between(xs, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.25)
-    _label_layer_axis(ax, frame, x)
-    ax.set_ylabel(ylabel)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return ax
+    return _finish_axes(ax, frame, x, ylabel, ylim, title)
 
 
 def heatmap(
