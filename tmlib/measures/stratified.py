@@ -18,9 +18,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ..data import ImageDataset
 from ..engine import evaluate
 from ..results import MeasureResult
+
+
+def _is_image_dataset(x: Any) -> bool:
+    """A tmlib.data.ImageDataset (duck-typed: importing tmlib.data here would load it with the
+    package, which ``python -m tmlib.data`` warns about)."""
+    return isinstance(getattr(x, "labels", None), torch.Tensor) and callable(getattr(x, "subset", None))
 from .base import Measure
 
 __all__ = ["evaluate_stratified", "mean_over_classes"]
@@ -55,7 +60,7 @@ def _labels_of(x: torch.Tensor | Dataset, labels: Any) -> list:
     if labels is None:
         if isinstance(x, torch.Tensor):
             raise ValueError("labels: a tensor x needs labels (one per sample) for stratification")
-        if isinstance(x, ImageDataset):  # labels without decoding every image
+        if _is_image_dataset(x):  # labels without decoding every image
             return x.labels.tolist()
         items = (x[i] for i in range(n))
         try:
@@ -73,7 +78,7 @@ def _labels_of(x: torch.Tensor | Dataset, labels: Any) -> list:
 def _subset(x: torch.Tensor | Dataset, index: list[int]) -> torch.Tensor | Dataset:
     if isinstance(x, torch.Tensor):
         return x[torch.as_tensor(index, dtype=torch.long, device=x.device)]
-    if isinstance(x, ImageDataset):  # keeps name, normalisation and fill
+    if _is_image_dataset(x):  # keeps name, normalisation and fill
         return x.subset(index)
     return Subset(x, index)
 
