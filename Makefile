@@ -23,7 +23,7 @@ data: env
 	$(PYTHON) -m tmlib.data fetch mnist
 	@# Fashion-MNIST comes from Debian's dataset-fashion-mnist (or torchvision with a network);
 	@# without it notebook 03 measures MNIST only and says so.
-	@$(PYTHON) -m tmlib.data fetch fashion-mnist 2>/dev/null \
+	@$(PYTHON) -m tmlib.data fetch fashion-mnist --no-download 2>/dev/null \
 	  || echo "note: Fashion-MNIST not found (apt-get install dataset-fashion-mnist); notebook 03 will skip it"
 
 test: env data
