@@ -20,3 +20,16 @@ def small_cnn():
         torch.nn.Flatten(),
         torch.nn.Linear(6 * 4 * 4, 5),
     ).eval()
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps a model and counts the images it is given: checks the one-pass forward budget."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.images = 0
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return self.inner(x)

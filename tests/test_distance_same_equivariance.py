@@ -9,6 +9,7 @@ from torch import nn
 
 from tmlib import activations
 from tmlib import transforms as T
+from conftest import CountingModel
 from tmlib.measures import (
     DistanceSameEquivariance,
     NormalizedDistance,
@@ -374,17 +375,6 @@ def test_dses_matches_explicit_computation(small_cnn, normalize):
             np.testing.assert_allclose(
                 result[layer], values, rtol=1e-5, atol=1e-7, err_msg=f"{ts.name} {layer}"
             )
-
-
-class CountingModel(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.images = 0
-
-    def forward(self, x):
-        self.images += x.shape[0]
-        return self.inner(x)
 
 
 def test_forwards_n_m_plus_n_only_for_the_reference_pass(small_cnn):

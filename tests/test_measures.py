@@ -16,6 +16,7 @@ from tmlib.measures import (
 )
 from tmlib.measures.moments import numba_available
 from tmlib.results import MeasureResult
+from conftest import CountingModel
 
 BACKENDS = ["torch"] + (["numba"] if numba_available() else [])
 ALL = [TransformationVariance(mode=mo, stat=st) for mo in ("element", "channel") for st in ("std", "var")]
@@ -61,17 +62,6 @@ def test_result_shapes_follow_the_contract(small_cnn):
     assert r["NV[channel,std]"]["0"].shape == (4,)
     assert r["NV[channel,std]"]["6"].shape == (5,)  # no spatial dims: channel = element
     np.testing.assert_array_equal(r["NV[channel,std]"]["6"], r["NV[element,std]"]["6"])
-
-
-class CountingModel(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.images = 0
-
-    def forward(self, x):
-        self.images += x.shape[0]
-        return self.inner(x)
 
 
 def test_exactly_n_times_m_forwards_whatever_the_number_of_measures(small_cnn):
