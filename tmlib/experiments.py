@@ -16,7 +16,16 @@ import torch
 from torch import nn
 
 from . import data, models, train, transforms
-from .measures import NormalizedVariance, SampleVariance, TransformationVariance, evaluate
+from .measures import (
+    GEEDEquivariance,
+    GEEDInvariance,
+    GEEDOutputKL,
+    NormalizedVariance,
+    SampleVariance,
+    TransformationVariance,
+    evaluate,
+)
+from .measures.base import Measure
 from .paths import resolve
 from .results import MeasureResult
 
@@ -24,14 +33,17 @@ __all__ = [
     "PROFILES",
     "TRANSFORMATIONS",
     "ModelSpec",
-    "profile_settings",
-    "measurement_set",
+    "accuracy_table",
     "augmentation_set",
     "build_model",
-    "trained_model",
+    "fine_tuned_model",
+    "geed_measures",
     "measure",
-    "accuracy_table",
+    "measure_geed",
+    "measurement_set",
+    "profile_settings",
     "tidy",
+    "trained_model",
 ]
 
 TRANSFORMATIONS = ("rotation", "scale", "translation")
@@ -65,14 +77,17 @@ def profile_settings(profile: str) -> dict[str, Any]:
 
 
 def measurement_set(name: str, m: int | None = None, degrees: float = 360.0) -> transforms.TransformationSet:
-    """The set a model is measured with: [Q23]'s 25-element sets, or ``m`` rotations over ``degrees``."""
+    """The set a model is measured with: [Q23]'s 25-element sets, ``m`` rotations over ``degrees``,
+    or the exact groups ``"c4"`` (quarter turns) and ``"d4"`` (quarter turns and flips)."""
+    if name in ("c4", "d4"):
+        return getattr(transforms, name)()
     if name == "rotation":
         return transforms.rotations(m or 25, degrees=degrees)
     if name in ("scale", "translation", "combined"):
         if m is not None and m != len(transforms.paper_set(name)):
             raise ValueError(f"m: the {name} set of the paper has a fixed size; got m={m}")
         return transforms.paper_set(name)
-    raise ValueError(f"name must be one of {TRANSFORMATIONS + ('combined',)}, got {name!r}")
+    raise ValueError(f"name must be one of {TRANSFORMATIONS + ('combined', 'c4', 'd4')}, got {name!r}")
 
 
 def augmentation_set(name: str | None, degrees: float = 360.0) -> transforms.TransformationSet | None:
@@ -101,6 +116,7 @@ class ModelSpec:
     n_train: int | None = 6000
     batch_size: int = 128
     task: str = "classify"  # or "regress-transformation" (predict the augment set's matrix, CLEI 2021)
+    lr: float = 1e-3  # Adam's learning rate
     options: dict = field(default_factory=dict, hash=False)
 
     def label(self) -> str:
@@ -141,8 +157,39 @@ def trained_model(
             cache_dir=resolve(models_dir),
             progress=progress,
             task=spec.task,
+            lr=spec.lr,
         )
     model.spec = spec  # what the model is, for tables and figures
+    return model.eval()
+
+
+def fine_tuned_model(
+    pretrained: ModelSpec, spec: ModelSpec, data_root: str = "data", models_dir: str = "data/models",
+    progress: bool = True,
+) -> nn.Module:
+    """``spec``'s training started from the weights of ``pretrained`` (trained, cached, on its own
+    dataset) instead of ``spec.init_seed``'s random ones; cached too (the initial weights are part
+    of the checkpoint key). Both specs must describe the same architecture and input/output sizes."""
+    if pretrained.architecture != spec.architecture or pretrained.options != spec.options:
+        raise ValueError(
+            f"pretrained: a {pretrained.architecture} {pretrained.options} cannot initialise a "
+            f"{spec.architecture} {spec.options}; the architectures must be the same"
+        )
+    source = trained_model(pretrained, data_root, models_dir, progress)
+    model = build_model(spec)
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as error:
+        raise ValueError(
+            f"pretrained: weights trained on {pretrained.dataset!r} do not fit a model for {spec.dataset!r} "
+            f"(input channels, image size or classes differ): {error}"
+        ) from None
+    train_set = data.load(spec.dataset, "train", n=spec.n_train, root=resolve(data_root), seed=spec.train_seed)
+    train.train(model, train_set, augment=augmentation_set(spec.augment, spec.augment_degrees),
+                epochs=spec.epochs, seed=spec.train_seed, batch_size=spec.batch_size,
+                cache_dir=resolve(models_dir), progress=progress, task=spec.task, lr=spec.lr)
+    model.spec = spec
+    model.pretrained = pretrained
     return model.eval()
 
 
@@ -171,6 +218,30 @@ def measure(
         meta.update({"model": spec.architecture, "augment": spec.augment or "none",
                      "init_seed": spec.init_seed, "trained": spec.epochs > 0})
     return evaluate(model, samples, ts, measures, progress=progress, metadata=meta, **kwargs)
+
+
+def geed_measures(model: nn.Module, ts: transforms.TransformationSet) -> list[Measure]:
+    """Kvinge et al.'s metrics for one model: normalised and raw invariance G-EED (cosine), latent
+    equivariance (the model's own action on its layers where it has one, e.g. a steerable CNN's
+    field types; else every channel's map moved like the image) and the output KL."""
+    actions = model.latent_actions(ts) if callable(getattr(model, "latent_actions", None)) else "spatial"
+    return [GEEDInvariance(normalize=True), GEEDInvariance(), GEEDEquivariance(action=actions), GEEDOutputKL()]
+
+
+def measure_geed(
+    model: nn.Module,
+    dataset: str,
+    transformation: str | transforms.TransformationSet,
+    n_samples: int,
+    data_root: str = "data",
+    seed: int = 0,
+    progress: bool = True,
+    **kwargs: Any,
+) -> dict[str, MeasureResult]:
+    """:func:`geed_measures` of every layer on a stratified test subset of ``dataset``, one pass."""
+    ts = measurement_set(transformation) if isinstance(transformation, str) else transformation
+    return measure(model, dataset, ts, n_samples, measures=geed_measures(model, ts), data_root=data_root,
+                   seed=seed, progress=progress, **kwargs)
 
 
 def accuracy_table(

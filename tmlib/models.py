@@ -21,13 +21,16 @@ import torch
 from torch import nn
 
 from .activations import leaf_modules, observe, split_call_name
+from .equivariant import SteerableCNN
 
 __all__ = [
+    "EXTRA_MODELS",
     "MODELS",
     "VGG16D",
     "AllConvolutional",
     "ResNet",
     "SimpleConv",
+    "SteerableCNN",
     "TIPooling",
     "build",
     "observable_layers",
@@ -507,11 +510,16 @@ MODELS: dict[str, type[_Model]] = {
 }
 
 
+# Models beyond the papers' five, built by name too (their layers are not leaf modules).
+EXTRA_MODELS: dict[str, type[nn.Module]] = {"SteerableCNN": SteerableCNN}
+
+
 def build(name: str, **kwargs: Any) -> nn.Module:
-    """Instantiate the model registered as ``name`` (a key of MODELS) with ``kwargs``."""
-    if name not in MODELS:
-        raise ValueError(f"name must be one of {sorted(MODELS)}, got {name!r}")
-    return MODELS[name](**kwargs)
+    """Instantiate the model registered as ``name`` (a key of MODELS or EXTRA_MODELS) with ``kwargs``."""
+    registry = {**MODELS, **EXTRA_MODELS}
+    if name not in registry:
+        raise ValueError(f"name must be one of {sorted(registry)}, got {name!r}")
+    return registry[name](**kwargs)
 
 
 # --------------------------------------------------------------------------- observable layers

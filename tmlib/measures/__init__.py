@@ -4,6 +4,7 @@ from ..engine import NonFiniteActivationError, evaluate
 from .anova import AnovaMeasure
 from .base import LayerInfo, Measure
 from .distance import NormalizedDistance, SampleDistance, TransformationDistance
+from .geed import GEEDEquivariance, GEEDInvariance, GEEDOutputKL, geed_table
 from .goodfellow import GoodfellowMeasure
 from .moments import STMoments
 from .same_equivariance import (
@@ -34,4 +35,8 @@ __all__ = [
     "AnovaMeasure",
     "GoodfellowMeasure",
     "evaluate_stratified",
+    "GEEDInvariance",
+    "GEEDOutputKL",
+    "GEEDEquivariance",
+    "geed_table",
 ]

@@ -1,0 +1,269 @@
+"""Kvinge et al.'s G-EED metrics against explicit loops on stored activations, and the C4/D4
+steerable CNN (e2cnn) whose invariance and equivariance hold by construction."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tmlib import activations
+from tmlib import transforms as T
+from tmlib.equivariant import SteerableCNN, group_elements
+from tmlib.measures import (
+    GEEDEquivariance,
+    GEEDInvariance,
+    GEEDOutputKL,
+    evaluate,
+    geed_table,
+)
+
+N = 6
+
+
+def _samples(n=N, size=8, seed=1):
+    return torch.randn(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _orbit_activations(model, x, ts):
+    """{layer: float64 array [n, m, D]} of f(g·x_i), by one plain forward per sample."""
+    out = {}
+    for i in range(x.shape[0]):
+        rec = activations.record(model, ts.apply(x[i : i + 1])[0])
+        for name, value in rec.items():
+            out.setdefault(name, []).append(value.double().reshape(len(ts), -1).numpy())
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def _cos(a, b):
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _brute_invariance(z):
+    """raw cosine G-EED, Euclidean G-EED, S, M (identity = column 0) from [n, m, D]."""
+    n, m, _ = z.shape
+    cos, dist = [], []
+    for i in range(n):
+        c = z[i].mean(axis=0)
+        for g in range(m):
+            cos.append(_cos(z[i, g], c))
+            dist.append(np.linalg.norm(z[i, g] - c))
+    pairs = [_cos(z[i, 0], z[j, 0]) for i in range(n) for j in range(n) if i != j]
+    return 1 - np.mean(cos), np.mean(dist), np.mean(cos), np.mean(pairs)
+
+
+@pytest.fixture
+def geed_cnn(small_cnn):
+    return small_cnn.float()
+
+
+@pytest.mark.parametrize("ts", [T.c4(), T.rotations(5)], ids=["c4", "rotations5"])
+def test_invariance_and_kl_match_brute_force(geed_cnn, ts):
+    x = _samples()
+    z = _orbit_activations(geed_cnn, x, ts)
+    res = evaluate(geed_cnn, x, ts, [GEEDInvariance(), GEEDInvariance(metric="euclidean"),
+                                     GEEDInvariance(normalize=True), GEEDOutputKL()], progress=False)
+    raw_cos, raw_euc, kl_sim, baseline = {}, {}, {}, {}
+    for name, values in z.items():
+        raw_cos[name], raw_euc[name], kl_sim[name], baseline[name] = _brute_invariance(values)
+        assert float(res["GEED-inv[cosine,False]"][name]) == pytest.approx(raw_cos[name], rel=1e-9, abs=1e-12)
+        assert float(res["GEED-inv[euclidean,False]"][name]) == pytest.approx(raw_euc[name], rel=1e-9)
+        normalised = res["GEED-inv[cosine,True]"]
+        assert normalised.metadata["baseline"][name] == pytest.approx(baseline[name], rel=1e-9)
+        assert normalised.metadata["raw"][name] == pytest.approx(raw_cos[name], rel=1e-9, abs=1e-12)
+        assert float(normalised[name]) == pytest.approx(kl_sim[name] / baseline[name], rel=1e-9)
+    # KL on the logits (the last layer, a vector): explicit softmax over the orbit.
+    logits = z["6"]
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    mean = p.mean(axis=1, keepdims=True)
+    kl = (p * (np.log(p) - np.log(mean))).sum(-1).mean()
+    kl_result = res["GEED-KL"]
+    assert kl_result.layer_names == ["5", "6"]  # the vector layers (flatten, logits); maps are skipped
+    assert float(kl_result["6"]) == pytest.approx(kl, rel=1e-9)
+    assert set(kl_result.metadata["skipped_layers"]) == {"0", "1", "2", "3", "4"}
+    table = geed_table(normalised)
+    assert list(table.columns) == ["layer", "index", "depth", "raw", "baseline", "ratio", "relative", "method"]
+    assert (table["method"] == "cosine").all()
+    for row in table.itertuples():
+        assert row.relative == pytest.approx(raw_cos[row.layer] / (1 - baseline[row.layer]), rel=1e-9)
+
+
+def test_equivariance_matches_brute_force_with_the_same_g_on_both_sides(geed_cnn):
+    x = _samples()
+    ts = T.c4()
+    z = _orbit_activations(geed_cnn, x, ts)
+    res = evaluate(geed_cnn, x, ts, [GEEDEquivariance(), GEEDEquivariance(metric="euclidean")], progress=False)
+    shapes = {name: out.shape[1:] for name, out in activations.record(geed_cnn, x[:1]).items()}
+    cosine, euclidean = res["GEED-eq[cosine,spatial]"], res["GEED-eq[euclidean,spatial]"]
+    assert cosine.layer_names == ["0", "1", "2", "3", "4"]  # maps only: no spatial action on [F]
+    for name in cosine.layer_names:
+        maps = z[name].reshape(N, 4, *shapes[name])
+        cos, dist = [], []
+        for i in range(N):
+            for k in range(4):  # c4's k-th element is k counter-clockwise quarter turns
+                expected = np.rot90(maps[i, 0], k, axes=(-2, -1)).ravel()
+                cos.append(_cos(maps[i, k].ravel(), expected))
+                dist.append(np.linalg.norm(maps[i, k].ravel() - expected))
+        assert float(cosine[name]) == pytest.approx(1 - np.mean(cos), rel=1e-9, abs=1e-12)
+        assert float(euclidean[name]) == pytest.approx(np.mean(dist), rel=1e-9)
+
+
+def test_results_do_not_depend_on_batch_size(geed_cnn):
+    x = _samples(n=7)
+    ts = T.rotations(6)
+    measures = [GEEDInvariance(normalize=True), GEEDInvariance(metric="euclidean"), GEEDOutputKL(),
+                GEEDEquivariance()]
+    runs = [evaluate(geed_cnn, x, ts, measures, batch_size=b, progress=False) for b in (1, 3, 7)]
+    for key in runs[0]:
+        for layer in runs[0][key].layer_names:
+            values = [float(run[key][layer]) for run in runs]
+            assert values == pytest.approx([values[0]] * 3, rel=1e-10, abs=1e-13), (key, layer)
+
+
+def test_states_merge_like_one_pass(geed_cnn):
+    from tmlib.measures.base import LayerInfo, PassContext
+    from tmlib.measures.geed import OrbitState
+
+    ts = T.c4()
+    block = torch.randn(6, 4, 3, 5, 5, dtype=torch.float64)
+    info, context = LayerInfo("l", (3, 5, 5)), PassContext(m=4, ts=ts)
+    whole = OrbitState(info, context)
+    whole.update(block)
+    first, second = OrbitState(info, context), OrbitState(info, context)
+    first.update(block[:2])
+    second.update(block[2:] + 0.0)
+    first.merge(second)
+    for read in ("similarity", "mean_distance", "rms_distance", "cosine_baseline", "rms_pair_distance"):
+        assert getattr(first, read)() == pytest.approx(getattr(whole, read)(), rel=1e-12)
+
+
+class _Through(nn.Module):
+    """One observable layer that passes its input on: the 'features' are the samples themselves."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Identity()
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def test_centred_features_fall_back_to_euclidean_with_a_warning():
+    half = _samples(n=3)
+    x = torch.cat([half, -half])  # Σ of the unit vectors is 0: M = -1/(n-1) < 0
+    ts = T.c4()
+    model = _Through()
+    with pytest.warns(UserWarning, match="min_baseline"):
+        result = evaluate(model, x, ts, GEEDInvariance(normalize=True), progress=False)["GEED-inv[cosine,True]"]
+    assert result.metadata["baseline"]["features"] == pytest.approx(-1 / 5, abs=1e-12)
+    assert result.metadata["method"]["features"] == "euclidean-fallback"
+    z = ts.apply(x).double().reshape(6, 4, -1).numpy()
+    orbit = np.sqrt(np.mean([np.sum((z[i, g] - z[i].mean(0)) ** 2) for i in range(6) for g in range(4)]))
+    pairs = np.sqrt(np.mean([np.sum((z[i, 0] - z[j, 0]) ** 2) for i in range(6) for j in range(6) if i != j]))
+    assert float(result["features"]) == pytest.approx(orbit / pairs, rel=1e-9)
+    assert np.isfinite(float(result["features"]))
+    assert geed_table(result)["method"].tolist() == ["euclidean-fallback"]
+
+
+def test_positive_baseline_keeps_the_cosine_ratio():
+    x = _samples().abs()  # non-negative, like ReLU outputs: M > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = evaluate(_Through(), x, T.c4(), GEEDInvariance(normalize=True), progress=False)
+    r = result["GEED-inv[cosine,True]"]
+    assert r.metadata["method"]["features"] == "cosine"
+    assert r.metadata["baseline"]["features"] > 0.5
+
+
+def test_rot90_invariant_model_reads_zero():
+    class OrbitMean(nn.Module):
+        """Averages a conv over the four quarter turns of its input: C4-invariant by construction."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.out = nn.Flatten()
+
+        def forward(self, x):
+            return self.out(sum(self.pool(self.conv(torch.rot90(x, k, dims=(-2, -1)))) for k in range(4)))
+
+    torch.manual_seed(0)
+    result = evaluate(OrbitMean().eval(), _samples(), T.c4(), [GEEDInvariance(), GEEDOutputKL()],
+                      layers=["pool", "out"], progress=False)
+    assert float(result["GEED-inv[cosine,False]"]["out"]) < 1e-12
+    assert float(result["GEED-KL"]["out"]) < 1e-12
+    assert float(result["GEED-inv[cosine,False]"]["pool"]) > 1e-4  # one term of the sum is not invariant
+
+
+@pytest.mark.parametrize("group,ts", [("C4", T.c4()), ("D4", T.d4())])
+def test_steerable_cnn_is_invariant_and_equivariant_by_construction(group, ts):
+    torch.manual_seed(0)
+    model = SteerableCNN(group=group, fields=(2, 2, 3), fc_units=8, image_size=16).eval()
+    x = _samples(n=5, size=16)
+    res = evaluate(model, x, ts, [GEEDInvariance(), GEEDOutputKL(), GEEDEquivariance(action=model.latent_actions(ts)),
+                                  GEEDEquivariance()], progress=False)
+    invariance = res["GEED-inv[cosine,False]"]
+    assert model.invariant_layers() == ["gap", "fc0", "fc0act", "fc1"]
+    for layer in model.invariant_layers():
+        assert float(invariance[layer]) < 1e-5
+    assert float(res["GEED-KL"]["fc1"]) < 1e-5
+    own = res["GEED-eq[cosine,custom]"]
+    assert own.layer_names == model.layer_names()
+    for layer in model.equivariant_layers():
+        assert float(own[layer]) < 1e-5
+        assert float(invariance[layer]) > 1e-3  # equivariant, not invariant: the maps move
+    # The plain spatial action ignores how the group permutes each regular field's channels:
+    spatial = res["GEED-eq[cosine,spatial]"]
+    assert float(spatial["conv1"]) > 1e-2
+    assert float(spatial["gpool"]) < 1e-5  # after group pooling the fields are scalar: spatial is right
+
+
+def test_steerable_cnn_state_round_trip_across_modes():
+    torch.manual_seed(0)
+    a = SteerableCNN(fields=(2, 2, 2), fc_units=4, image_size=8).eval()
+    torch.manual_seed(1)
+    b = SteerableCNN(fields=(2, 2, 2), fc_units=4, image_size=8).eval()
+    x = _samples(n=3, size=8)
+    state = a.state_dict()
+    assert not any(k.endswith((".filter", ".expanded_bias")) for k in state)
+    b.load_state_dict(state)  # b is in eval mode with its own cached filters: they must be redone
+    assert torch.allclose(a(x), b(x), atol=1e-6)
+    b.train()
+    b.load_state_dict(a.state_dict())
+    assert b.training
+
+
+def test_steerable_cnn_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="group"):
+        SteerableCNN(group="C8")
+    with pytest.raises(ValueError, match="image_size"):
+        SteerableCNN(image_size=30)
+    with pytest.raises(ValueError, match="fields"):
+        SteerableCNN(fields=(4, 8))
+    with pytest.raises(ValueError, match=r"expects input \[b, 1, 8, 8\]"):
+        SteerableCNN(image_size=8)(torch.zeros(1, 1, 7, 7))
+    with pytest.raises(ValueError, match="not an element of the group"):
+        group_elements(SteerableCNN(image_size=8).gspace, T.rotations(8))
+
+
+def test_bad_input_names_the_argument(geed_cnn):
+    with pytest.raises(ValueError, match="metric"):
+        GEEDInvariance(metric="manhattan")
+    with pytest.raises(ValueError, match="metric='cosine'"):
+        GEEDInvariance(metric="euclidean", normalize=True)
+    with pytest.raises(ValueError, match="min_baseline"):
+        GEEDInvariance(min_baseline=-1)
+    with pytest.raises(ValueError, match="action"):
+        GEEDEquivariance(action="rotate")
+    no_identity = T.rotations(4).subset([1, 2, 3])
+    with pytest.raises(ValueError, match="no identity"):
+        evaluate(geed_cnn, _samples(), no_identity, GEEDEquivariance(), progress=False)
+    with pytest.raises(ValueError, match="no identity"):
+        evaluate(geed_cnn, _samples(), no_identity, GEEDInvariance(normalize=True), progress=False)
+    with pytest.raises(ValueError, match="every observed layer was skipped"):
+        evaluate(geed_cnn, _samples(), T.c4(), GEEDOutputKL(), layers=["0", "1"], progress=False)
+    with pytest.raises(ValueError, match="GEEDInvariance"):
+        geed_table(evaluate(geed_cnn, _samples(), T.c4(), GEEDInvariance(), progress=False)["GEED-inv[cosine,False]"])
