@@ -26,6 +26,7 @@ SMALLEST = {
     "06_architecture": {**TINY},
     "07_measure_comparison": {**TINY, "firing_rates": [0.05, 0.1]},
     "08_same_equivariance": {**TINY, "transformations": ["rotation", "translation"]},
+    "09_kvinge": {**TINY, "steerable_fields": [2, 2, 4]},
     "10_liegg": {"n_train": 300, "epochs": 1, "n_samples": 8, "depths": [1], "widths": [16],
                  "cnn_options": {"filters": 2, "fc_units": 8}, "check_claims": False, "progress": False},
     "11_lie_derivative": {"n_train": 200, "epochs": 1, "n_samples": 8, "n_test": 100, "check_claims": False,
@@ -82,6 +83,31 @@ def test_experiment_notebook(name, tmp_path):
     if frame is not None:
         assert {"layer", "value"} <= set(frame.columns) or {"n", "m", "NV"} <= set(frame.columns)
         assert len(frame) > 0
+
+
+@pytest.mark.notebook
+def test_kvinge_notebook(tmp_path):
+    from tmlib import data
+
+    executed = _execute("09_kvinge", tmp_path).read_text()
+    figures = tmp_path / "figures"
+    assert (figures / "09_kvinge_a.png").stat().st_size > 10_000
+    frame = pd.read_csv(figures / "09_kvinge_a.csv")
+    assert set(frame["label"]) == {"plain CNN", "CNN + C4 augmentation", "C4-steerable CNN"}
+    steerable = frame[frame["label"] == "C4-steerable CNN"]
+    # Invariance and equivariance by construction hold after any training, even one tiny epoch.
+    head = steerable[steerable["layer"].isin(["gap", "fc0", "fc0act", "fc1"])]
+    assert (head[head["measure"] == "GEED-inv[cosine,False]"]["value"] < 1e-5).all()
+    assert (steerable[steerable["measure"] == "GEED-eq[cosine,custom]"]["value"] < 1e-5).all()
+    plain = frame[frame["label"] == "plain CNN"]
+    assert (plain[plain["measure"] == "GEED-inv[cosine,False]"]["value"] > 1e-4).all()
+    if data.available("fashion-mnist", ROOT / "data")[0]:
+        for name in ("09_kvinge_b.png", "09_kvinge_c.png", "09_kvinge_b.csv", "09_kvinge_c.csv"):
+            assert (figures / name).stat().st_size > 500, name
+        c = pd.read_csv(figures / "09_kvinge_c.csv")
+        assert len(c) == 8 and set(c["measured on"]) == {"mnist", "fashion-mnist"}
+    else:
+        assert "parts (b) and (c) are skipped" in executed
 
 
 def test_cifar_absence_is_explained(tmp_path):

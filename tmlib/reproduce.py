@@ -41,6 +41,7 @@ NOTEBOOKS: dict[str, dict[str, dict[str, Any]]] = {
     "06_architecture": {"quick": {}, "paper": {}},
     "07_measure_comparison": {"quick": {}, "paper": {}},
     "08_same_equivariance": {"quick": {}, "paper": {}},
+    "09_kvinge": {"quick": {}, "paper": {"steerable_fields": [16, 32, 64]}},
     "10_liegg": {"quick": {}, "paper": {}},
     "11_lie_derivative": {"quick": {}, "paper": {}},
 }
