@@ -76,12 +76,7 @@ Action = Callable[[torch.Tensor], torch.Tensor]
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """cos(a, b) over the last dimension, with two zero vectors → 1 and one zero vector → 0."""
-    na = torch.linalg.vector_norm(a, dim=-1)
-    nb = torch.linalg.vector_norm(b, dim=-1)
-    dot = (a * b).sum(dim=-1)
-    both = (na > 0) & (nb > 0)
-    cos = torch.where(both, dot / torch.where(both, na * nb, torch.ones_like(na)), torch.zeros_like(dot))
-    return torch.where((na == 0) & (nb == 0), torch.ones_like(cos), cos.clamp(-1.0, 1.0))
+    return _cosine_from_products((a * b).sum(dim=-1), a.square().sum(dim=-1), b.square().sum(dim=-1))
 
 
 def _required_identity(ts: Any, what: str) -> int:
@@ -104,8 +99,20 @@ def _check_metric(metric: Any) -> str:
 # ---------------------------------------------------------------------------- states
 
 
+def _cosine_from_products(dot: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
+    """cos from a·b, ‖a‖², ‖b‖² with :func:`cosine_similarity`'s conventions for zero vectors."""
+    both = (sq_a > 0) & (sq_b > 0)
+    denominator = torch.where(both, (sq_a * sq_b).sqrt(), torch.ones_like(dot))
+    cos = torch.where(both, dot / denominator, torch.zeros_like(dot)).clamp(-1.0, 1.0)
+    return torch.where((sq_a == 0) & (sq_b == 0), torch.ones_like(cos), cos)
+
+
 class _PairSums:
-    """Float64 sums of a distance/similarity between paired vectors [b, m, D] (mergeable)."""
+    """Float64 sums of cos and ‖·‖ between paired vectors, from their dot products (mergeable).
+
+    Working from a·b, ‖a‖², ‖b‖² keeps one read of the float64 data per product instead of a
+    temporary per operation; ‖a − b‖² = ‖a‖² + ‖b‖² − 2a·b then has an absolute rounding floor of
+    ~1e-16·‖a‖², i.e. distances below ~1e-8·‖a‖ read as that floor (cosines are unaffected)."""
 
     def __init__(self) -> None:
         self.cos = 0.0
@@ -113,12 +120,17 @@ class _PairSums:
         self.sqdist = 0.0
         self.count = 0
 
+    def add_products(self, dot: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> None:
+        sqdist = (sq_a + sq_b - 2 * dot).clamp_min(0.0)
+        self.cos += float(_cosine_from_products(dot, sq_a, sq_b).sum())
+        self.dist += float(sqdist.sqrt().sum())
+        self.sqdist += float(sqdist.sum())
+        self.count += dot.numel()
+
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        diff = torch.linalg.vector_norm(a - b, dim=-1)
-        self.cos += float(cosine_similarity(a, b).sum())
-        self.dist += float(diff.sum())
-        self.sqdist += float(diff.square().sum())
-        self.count += diff.numel()
+        """Pairs (a[..., k, :], b[..., k, :]) of float64 vectors."""
+        self.add_products(torch.einsum("...d,...d->...", a, b), torch.einsum("...d,...d->...", a, a),
+                          torch.einsum("...d,...d->...", b, b))
 
     def merge(self, other: _PairSums) -> None:
         self.cos += other.cos
@@ -153,8 +165,11 @@ class OrbitState:
     def update(self, block: torch.Tensor) -> None:
         b, m = block.shape[:2]
         z = block.reshape(b, m, -1).to(torch.float64)
-        centroid = z.mean(dim=1, keepdim=True)
-        self.orbit.add(z, centroid.expand_as(z))
+        # Everything about f(g·x) against the centroid c = mean_h f(h·x) follows from the orbit's
+        # Gram matrix G = z zᵀ [b, m, m]: z_g·c = mean_h G_gh, ‖c‖² = mean G. One read of z.
+        gram = torch.bmm(z, z.transpose(1, 2))
+        self.orbit.add_products(gram.mean(dim=2), gram.diagonal(dim1=1, dim2=2),
+                                gram.mean(dim=(1, 2)).unsqueeze(1).expand(b, m))
         if self.kl is not None:
             logp = torch.log_softmax(z, dim=-1)
             log_mean = torch.logsumexp(logp, dim=1, keepdim=True) - math.log(m)
