@@ -35,6 +35,7 @@ reproduce: env data
 bench: env data
 	$(PYTHON) benchmarks/bench_engine.py
 	$(PYTHON) benchmarks/bench_measures.py
+	$(PYTHON) benchmarks/bench_geed.py
 
 lint: env
 	$(VENV)/bin/ruff check tmlib tests benchmarks
