@@ -43,6 +43,7 @@ NOTEBOOKS: dict[str, dict[str, dict[str, Any]]] = {
     "08_same_equivariance": {"quick": {}, "paper": {}},
     "10_liegg": {"quick": {}, "paper": {}},
     "11_lie_derivative": {"quick": {}, "paper": {}},
+    "12_explorer": {"quick": {}, "paper": {}},
 }
 
 

@@ -327,7 +327,7 @@ def plot_layer_curve(data: ExplorerData, measure: str, layer: str, canvas: Canva
     ax.set_xticks(xs, list(means.index), rotation=60, ha="right", fontsize=8)
     ax.set_xlabel("layer (forward order)")
     ax.set_ylabel(f"{measure} (mean over channels)")
-    ax.set_title(f"(1) {measure} per layer" + (f" — {data.title}" if data.title else ""), fontsize=10)
+    ax.set_title(f"(1) {measure} per layer", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return canvas
@@ -432,7 +432,7 @@ def plot_inputs(data: ExplorerData, canvas: Canvas | None = None, columns: int =
     m = data.inputs.shape[0]
     cols = min(m, columns)
     rows = math.ceil(m / cols)
-    canvas = _canvas(canvas, (1.0 * cols + 0.5, 1.1 * rows + 0.6))
+    canvas = _canvas(canvas, (max(5.5, 1.0 * cols + 0.5), 1.1 * rows + 0.6))  # room for the title
     axes = canvas.subplots(rows, cols, squeeze=False)
     lo, hi = float(data.inputs.min()), float(data.inputs.max())
     for j, ax in enumerate(axes.flat):
@@ -444,8 +444,7 @@ def plot_inputs(data: ExplorerData, canvas: Canvas | None = None, columns: int =
         image = (data.inputs[j] - lo) / max(hi - lo, 1e-12)  # one scale for all: warps stay comparable
         ax.imshow(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
         ax.set_xlabel(data.transformation_labels[j], fontsize=7)
-    canvas.suptitle(f"(4) the transformed inputs: image {data.image} under the {m} transformations",
-                    fontsize=10)
+    canvas.suptitle(f"(4) the inputs: image {data.image} under the {m} transformations", fontsize=10)
     return canvas
 
 
@@ -462,6 +461,8 @@ def explorer_figure(data: ExplorerData, measure: str, layer: str, unit: int = 0)
     plot_st_matrix(data, layer, unit, st)
     plot_extreme_maps(data, measure, layer, extreme)
     plot_inputs(data, inputs, columns=min(8, math.ceil(math.sqrt(len(data.inputs)))))
+    if data.title:
+        fig.suptitle(data.title, fontsize=12)
     return fig
 
 
@@ -592,7 +593,7 @@ class Explorer:
         self._initial_layer = layer
         self._quiet = False  # set while the explorer itself moves selectors: one redraw, not several
 
-        style = {"description_width": "90px"}
+        style = {"description_width": "110px"}
         self.checkpoint = w.Dropdown(options=list(self.models), description="checkpoint", style=style,
                                      layout=w.Layout(width="420px"))
         self.dataset = w.Dropdown(options=list(self.datasets), description="dataset", style=style)
@@ -688,7 +689,7 @@ class Explorer:
         def make() -> ExplorerData:
             return compute(self._model(checkpoint), self._samples(dataset), self._transformation_set(transformation),
                            image=self.image, max_st_samples=self.max_st_samples, on_progress=self._report,
-                           title=f"{checkpoint} · {dataset} · {transformation}")
+                           title=f"{checkpoint} | measured on {dataset}, {transformation}")
 
         self.data = self.cache.get(key, make)
         self.progress.max = self.progress.value = max(1, self.data.n_samples)
