@@ -500,7 +500,8 @@ def export_html(data: ExplorerData, path: str | Path, measure: str = "NV", layer
     for layer in layers:
         data.check(layer=layer, measure=measure)
     nb = nbformat.v4.new_notebook()
-    intro = (f"# {title}\n\n{data.title}\n\n{measure} per layer and channel, {data.n_samples} samples × "
+    subtitle = f"{data.title}\n\n" if data.title and data.title not in title else ""
+    intro = (f"# {title}\n\n{subtitle}{measure} per layer and channel, {data.n_samples} samples × "
              f"{len(data.transformation_labels)} transformations ({', '.join(data.transformation_labels)}).\n"
              "Each section shows (1) the per-layer curve with the layer highlighted, (2) its channels sorted, "
              "(3) the ST matrix of one channel and the feature maps of the most and least invariant channel, "
