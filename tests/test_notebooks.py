@@ -31,6 +31,8 @@ SMALLEST = {
                  "cnn_options": {"filters": 2, "fc_units": 8}, "check_claims": False, "progress": False},
     "11_lie_derivative": {"n_train": 200, "epochs": 1, "n_samples": 8, "n_test": 100, "check_claims": False,
                           "progress": False},
+    "12_explorer": {"n_train": 200, "epochs": 1, "n_samples": 20, "n_rotations": 4, "max_st_samples": 8,
+                    "report_layers": ["conv0", "fc1"], "check_claims": False, "progress": False},
 }
 
 
@@ -65,6 +67,7 @@ FIGURES = {
     "08_same_equivariance": ["08_same_equivariance.png", "08_same_equivariance.csv"],
     "10_liegg": ["10_liegg.png", "10_liegg.csv", "10_liegg_generator.png"],
     "11_lie_derivative": ["11_lie_derivative.png", "11_lie_derivative.csv"],
+    "12_explorer": ["12_explorer.png", "12_explorer.html"],
 }
 
 
@@ -79,6 +82,10 @@ def test_experiment_notebook(name, tmp_path):
         assert (tmp_path / "figures" / filename).stat().st_size > 1000, filename
     summary = json.loads((tmp_path / "results" / "summaries" / f"quick-{name}.json").read_text())
     assert summary["key"]
+    if name == "12_explorer":  # the static report: one inline image per layer asked for, nothing remote
+        html = (tmp_path / "figures" / "12_explorer.html").read_text()
+        assert html.count('src="data:image/png;base64,') == len(SMALLEST[name]["report_layers"])
+        assert "https://" not in html.split("<style")[0] and "<script src=" not in html
     frame = pd.read_csv(tmp_path / "figures" / FIGURES[name][1]) if FIGURES[name][1].endswith(".csv") else None
     if frame is not None:
         assert {"layer", "value"} <= set(frame.columns) or {"n", "m", "NV"} <= set(frame.columns)

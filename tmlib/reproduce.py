@@ -44,6 +44,7 @@ NOTEBOOKS: dict[str, dict[str, dict[str, Any]]] = {
     "09_kvinge": {"quick": {}, "paper": {"steerable_fields": [16, 32, 64]}},
     "10_liegg": {"quick": {}, "paper": {}},
     "11_lie_derivative": {"quick": {}, "paper": {}},
+    "12_explorer": {"quick": {}, "paper": {}},
 }
 
 

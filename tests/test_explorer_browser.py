@@ -1,0 +1,252 @@
+"""End to end: the layer explorer in a real JupyterLab, driven by headless Chromium (Playwright).
+
+JupyterLab runs on 127.0.0.1 on a free port with a random token, in a temporary folder holding a
+copy of notebooks/12_explorer.ipynb with its smallest parameters injected (papermill's
+parameterisation, no execution). Chromium opens it, runs all cells, waits for the explorer, changes
+the layer selector and checks that the heatmap's image changed (its bytes, not just its URL). A
+second copy whose last cell detaches the layer callback shows that the check catches a broken
+callback. Everything is shut down afterwards (the server's shutdown API, then its process group).
+
+Skipped only where Chromium (Debian's ``chromium``, /usr/bin/chromium) or Playwright is missing;
+``.ci/run`` installs Chromium with apt-get. The screenshot of the explorer after the layer change
+is written to results/browser/12_explorer_browser.png (or $TMLIB_SCREENSHOT_DIR).
+"""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tmlib.paths import project_root
+
+ROOT = project_root(Path(__file__).parent)
+CHROMIUM = os.environ.get("TMLIB_CHROMIUM", "/usr/bin/chromium")
+# Flags that headless Chromium needs on the CI machines (no sandbox as root, no GPU, no network).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+PARAMETERS = {"n_train": 200, "epochs": 1, "n_samples": 20, "n_rotations": 4, "max_st_samples": 8,
+              "report_layers": ["conv0"], "check_claims": False, "progress": False}
+DONE = "tmlib: explorer notebook done"  # printed by the notebook's last cell
+BREAK_CALLBACK = ('explorer.layer.unobserve(explorer._on_layer, names="value")\n'
+                  'print("layer callback detached")')
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium): the browser test of the "
+                "layer explorer needs it", allow_module_level=True)
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright (pip, dev extra) is not installed")
+papermill = pytest.importorskip("papermill")
+nbformat = pytest.importorskip("nbformat")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_notebook(folder: Path, name: str, parameters: dict, extra_cell: str | None = None) -> str:
+    nb = papermill.iorw.load_notebook_node(str(ROOT / "notebooks" / "12_explorer.ipynb"))  # adds the tags papermill wants
+    nb = papermill.parameterize.parameterize_notebook(nb, parameters)
+    if extra_cell:
+        nb.cells.append(nbformat.v4.new_code_cell(extra_cell))
+    nbformat.write(nb, folder / name)
+    return name
+
+
+def _api(base: str, token: str, path: str, method: str = "GET"):
+    request = urllib.request.Request(f"{base}{path}", method=method, headers={"Authorization": f"token {token}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read() or b"null")
+
+
+class Lab:
+    """A JupyterLab server of this virtual environment, isolated in a temporary folder."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port, self.token = folder, _free_port(), secrets.token_hex(16)
+        self.base = f"http://127.0.0.1:{self.port}"
+        home = folder / ".jupyter-home"
+        env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_DATA_DIR": str(home / "data"),
+               "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "IPYTHONDIR": str(home / "ipython"),
+               "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(home / "ws"),
+               "OMP_NUM_THREADS": "2"}
+        # No "get notified about Jupyter news?" toast over the explorer in the screenshot.
+        news = home / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+        news.parent.mkdir(parents=True)
+        news.write_text(json.dumps({"fetchNews": "false"}))
+        self.log = open(folder / "jupyter.log", "w")  # noqa: SIM115 (closed in stop())
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
+             "--port-retries=0", f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={folder}",
+             # Nothing that would reach for the network: news, update checks, the PyPI extension manager.
+             "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+             "--LabApp.extension_manager=readonly", *(["--allow-root"] if os.geteuid() == 0 else [])],
+            cwd=folder, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"jupyter lab exited with {self.process.returncode}:\n{self.logs()}")
+            try:
+                _api(self.base, self.token, "/api/status")
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"jupyter lab did not answer on port {self.port} in {timeout} s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return (self.folder / "jupyter.log").read_text()[-4000:]
+
+    def url(self, notebook: str, workspace: str) -> str:
+        return f"{self.base}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={self.token}"
+
+    def stop(self) -> None:
+        """Shut the server and its kernels down; kill the process group if it does not comply."""
+        try:
+            if self.process.poll() is None:
+                _api(self.base, self.token, "/api/shutdown", method="POST")
+                self.process.wait(timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        finally:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait()
+            self.log.close()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lab")
+    shared = {"data_root": str(ROOT / "data"), "models_dir": str(folder / "models"),
+              "figures_dir": str(folder / "figures"), "results_dir": str(folder / "results")}
+    _write_notebook(folder, "explorer.ipynb", {**PARAMETERS, **shared})
+    _write_notebook(folder, "broken.ipynb", {**PARAMETERS, **shared}, extra_cell=BREAK_CALLBACK)
+    server = Lab(folder)
+    try:
+        server.wait()
+        yield server
+    finally:
+        server.stop()
+    assert server.process.returncode is not None
+    with socket.socket() as s:  # the port is free again: nothing left listening
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections in TIME_WAIT don't count
+        s.bind(("127.0.0.1", server.port))
+
+
+@pytest.fixture(scope="module")
+def page(lab):
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": 1600, "height": 1500})
+        finally:
+            browser.close()
+
+
+DIGEST = """async (img) => {
+  const bytes = await (await fetch(img.src)).arrayBuffer();
+  const hash = await crypto.subtle.digest("SHA-256", bytes);
+  return Array.from(new Uint8Array(hash), b => b.toString(16).padStart(2, "0")).join("");
+}"""
+
+
+def _run_all(page, lab, notebook: str) -> None:
+    """Open ``notebook`` in a fresh workspace, run all cells, wait for the last cell's output."""
+    page.goto(lab.url(notebook, notebook.split(".")[0]))
+    page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
+    # Run only once the kernel is up: earlier, JupyterLab asks which kernel to start.
+    page.locator(".jp-StatusBar-TextItem", has_text="| Idle").first.wait_for(timeout=90_000)
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    dialog = page.locator(".jp-Dialog .jp-mod-accept")
+    try:  # should the question come anyway: the notebook's own kernel (python3 of this venv)
+        dialog.wait_for(timeout=2_000)
+        dialog.click()
+    except playwright.TimeoutError:
+        pass
+    # The marker in an *output* (the cell's source holds it too), i.e. the last cell has run.
+    page.wait_for_function(
+        f"Array.from(document.querySelectorAll('.jp-OutputArea-output')).some(e => e.textContent.includes({json.dumps(DONE)}))",
+        timeout=240_000)
+    heatmap = page.locator(".tmlib-explorer .tmlib-heatmap")
+    heatmap.wait_for(timeout=30_000)
+    page.wait_for_function("el => el.complete && el.naturalWidth > 100", arg=heatmap.element_handle(),
+                           timeout=30_000)
+
+
+REDRAWN = """([images, old]) => images.every((el, i) => el.src !== old[i] && el.complete && el.naturalWidth > 100)"""
+
+
+def _change_layer(page, layer: str, timeout_ms: int) -> tuple[str, str, str, str]:
+    """Select ``layer`` in the explorer and wait until panels 1–3 are redrawn;
+    → (old src, new src, old image digest, new image digest) of the heatmap."""
+    heatmap = page.locator(".tmlib-explorer .tmlib-heatmap")
+    panels = [page.locator(f".tmlib-explorer .{css}").element_handle() for css in ("tmlib-curve", "tmlib-st")]
+    selector = page.locator(".tmlib-explorer .tmlib-layer select")
+    assert selector.input_value() != layer
+    before, before_digest = heatmap.get_attribute("src"), heatmap.evaluate(DIGEST)
+    old = [panel.get_attribute("src") for panel in panels]
+    selector.select_option(label=layer)
+    try:
+        page.wait_for_function(REDRAWN, arg=[[heatmap.element_handle(), *panels], [before, *old]],
+                               timeout=timeout_ms)
+    except playwright.TimeoutError:
+        pass  # the caller decides: for a broken callback this is the expected outcome
+    after = heatmap.get_attribute("src")
+    return before, after, before_digest, heatmap.evaluate(DIGEST)
+
+
+def _screenshot_path() -> Path:
+    folder = Path(os.environ.get("TMLIB_SCREENSHOT_DIR", ROOT / "results" / "browser"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "12_explorer_browser.png"
+
+
+def test_layer_selector_redraws_the_heatmap_in_jupyterlab(lab, page):
+    start = time.monotonic()
+    _run_all(page, lab, "explorer.ipynb")
+    selector = page.locator(".tmlib-explorer .tmlib-layer select")
+    assert selector.input_value() == "conv2"  # the notebook's starting layer
+    options = selector.locator("option").all_inner_texts()
+    assert options[:3] == ["conv0", "act0", "conv1"] and options[-1] == "fc1" and len(options) == 15
+    before, after, old, new = _change_layer(page, "fc0", timeout_ms=60_000)
+    assert before.startswith("blob:") and after != before, "the heatmap was not redrawn"
+    assert new != old, "the heatmap's image did not change"
+    assert selector.input_value() == "fc0"
+    # The four panels are there and drawn.
+    for css in ("tmlib-curve", "tmlib-heatmap", "tmlib-st", "tmlib-inputs"):
+        size = page.locator(f".tmlib-explorer .{css}").evaluate("el => [el.naturalWidth, el.naturalHeight]")
+        assert min(size) > 100, (css, size)
+    explorer = page.locator(".tmlib-explorer")
+    explorer.scroll_into_view_if_needed()
+    path = _screenshot_path()
+    explorer.screenshot(path=str(path))
+    assert path.stat().st_size > 50_000
+    print(f"browser check: heatmap digest {old[:12]} → {new[:12]}; screenshot {path}; "
+          f"{time.monotonic() - start:.0f} s")
+
+
+def test_a_broken_layer_callback_is_caught(lab, page):
+    """The same check against a notebook whose layer callback is detached must see no redraw."""
+    _run_all(page, lab, "broken.ipynb")
+    assert page.locator(".jp-OutputArea-output", has_text="layer callback detached").count() == 1
+    before, after, old, new = _change_layer(page, "fc0", timeout_ms=8_000)
+    assert after == before and new == old, "a detached callback cannot redraw the heatmap"

@@ -1,0 +1,185 @@
+"""The layer explorer without a browser: its data layer, cache, figures, widgets and HTML export."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import CountingModel
+
+from tmlib import activations, transforms, widgets
+from tmlib.measures import NormalizedVariance, evaluate
+
+N, M, ST, IMAGE = 10, 4, 6, 7  # image 7 lies in the third block of 3 samples
+
+
+@pytest.fixture
+def setup(small_cnn):
+    torch.manual_seed(1)
+    x = torch.randn(N, 1, 8, 8)
+    return CountingModel(small_cnn), x, transforms.rotations(M)
+
+
+@pytest.fixture
+def explored(setup):
+    model, x, ts = setup
+    return model, x, ts, widgets.compute(model, x, ts, image=IMAGE, max_st_samples=ST, batch_size=3)
+
+
+def test_compute_shapes_and_single_pass(explored):
+    model, _, _, data = explored
+    assert model.images == N * M == data.images_forwarded  # one pass feeds measures and pictures
+    assert data.layers == ["inner.0", "inner.1", "inner.2", "inner.3", "inner.4", "inner.5", "inner.6"]
+    assert data.measures == ["NV", "TV", "SV"]
+    assert data.st_means["inner.0"].shape == (ST, M, 4)
+    assert data.st_means["inner.3"].shape == (ST, M, 6)
+    assert data.st_means["inner.6"].shape == (ST, M, 5)
+    assert data.maps["inner.0"].shape == (M, 4, 8, 8)
+    assert data.maps["inner.2"].shape == (M, 4, 4, 4)
+    assert data.maps["inner.6"].shape == (M, 5)  # no spatial dimensions: the units themselves
+    assert data.inputs.shape == (M, 1, 8, 8)
+    assert data.st_matrix("inner.3", 2).shape == (ST, M)
+    assert data.transformation_labels == ["0°", "90°", "180°", "270°"]
+
+
+def test_recorded_activations_match_a_brute_force_recompute(explored):
+    model, x, ts, data = explored
+    fill = 0.0
+    warped = ts.apply(x, fill=fill)  # [n, m, C, H, W]
+    outputs = activations.record(model, warped.reshape(N * M, 1, 8, 8))
+    for layer in data.layers:
+        out = outputs[layer].reshape(N, M, *outputs[layer].shape[1:])
+        means = out.mean(dim=(-2, -1)) if out.dim() == 5 else out
+        np.testing.assert_allclose(data.st_means[layer], means[:ST].numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(data.maps[layer], out[IMAGE].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(data.inputs, warped[IMAGE].numpy(), atol=1e-6)
+    # The measures equal those of a plain evaluate with the same settings.
+    direct = evaluate(model, x, ts, NormalizedVariance(mode="channel"), batch_size=3, progress=False)
+    nv = next(iter(direct.values()))
+    for layer in data.layers:
+        np.testing.assert_allclose(data.values("NV", layer), nv[layer], rtol=1e-6)
+
+
+def test_channel_order_puts_invariant_first_and_nans_last(explored):
+    *_, data = explored
+    layer = "inner.3"
+    values = np.array([0.5, np.nan, 0.1, 0.9, 0.3, 0.2])
+    data.results["NV"].values[layer] = values  # a known ranking
+    assert widgets.channel_order(data, "NV", layer).tolist() == [2, 5, 4, 0, 3, 1]
+
+
+def test_bad_names_raise_errors_naming_the_argument(explored, setup):
+    *_, data = explored
+    with pytest.raises(ValueError, match="layer: unknown layer name 'nope'"):
+        data.values("NV", "nope")
+    with pytest.raises(ValueError, match="measure: unknown measure 'XX'"):
+        data.values("XX", "inner.0")
+    with pytest.raises(ValueError, match="unit: layer 'inner.0' has channels 0…3, got 4"):
+        data.st_matrix("inner.0", 4)
+    with pytest.raises(ValueError, match="layer: unknown layer name"):
+        widgets.plot_layer_curve(data, "NV", "conv9")
+    model, x, ts = setup
+    with pytest.raises(ValueError, match="image: an index into the 10 samples"):
+        widgets.compute(model, x, ts, image=10)
+    with pytest.raises(ValueError, match="max_st_samples"):
+        widgets.compute(model, x, ts, max_st_samples=1)
+    with pytest.raises(ValueError, match="measures: choose from"):
+        widgets.Explorer({"m": model}, {"x": x}, {"r": ts}, measures=["NV", "ANOVA"], compute=False)
+
+
+def _labels(fig):
+    return [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+
+
+def test_panel_figures_have_labelled_axes_and_the_right_data(explored):
+    *_, data = explored
+    layer = "inner.3"
+    curve = widgets.plot_layer_curve(data, "NV", layer)
+    (ax,) = curve.axes
+    assert ax.get_xlabel() == "layer (forward order)" and ax.get_ylabel() == "NV (mean over channels)"
+    assert [t.get_text() for t in ax.get_xticklabels()] == data.layers
+    highlighted = ax.lines[-1]  # the selected layer's marker sits at its index and layer mean
+    assert highlighted.get_xdata()[0] == 3
+    assert highlighted.get_ydata()[0] == pytest.approx(data.results["NV"].layer_means()[layer])
+
+    heat = widgets.plot_channel_heatmap(data, "NV", layer)
+    ax, colorbar = heat.axes
+    assert ax.get_xlabel() and ax.get_ylabel() and colorbar.get_ylabel() == "NV (channel)"
+    shown = ax.images[0].get_array().compressed()  # row by row, NaN padding masked out
+    np.testing.assert_allclose(shown, np.sort(data.values("NV", layer))[::-1])
+    assert shown.shape == (6,) and ax.images[0].get_array().shape == (2, 3)
+
+    st = widgets.plot_st_matrix(data, layer, 2)
+    ax, colorbar = st.axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("transformation", f"sample (first {ST} of {N})")
+    assert colorbar.get_ylabel() == "mean activation"
+    np.testing.assert_array_equal(ax.images[0].get_array(), data.st_matrix(layer, 2))
+
+    maps = widgets.plot_extreme_maps(data, "NV", layer)
+    assert len(maps.axes) == 2 * M
+    order = widgets.channel_order(data, "NV", layer)
+    np.testing.assert_array_equal(maps.axes[0].images[0].get_array(), data.maps[layer][0, order[0]])
+    np.testing.assert_array_equal(maps.axes[M].images[0].get_array(), data.maps[layer][0, order[-1]])
+    assert maps.axes[0].get_title(loc="left") == "most invariant (lowest NV)"
+    assert [a.get_xlabel() for a in maps.axes[M:]] == data.transformation_labels
+    dense = widgets.plot_extreme_maps(data, "NV", "inner.6")  # a linear layer: one line per unit
+    assert len(dense.axes) == 1 and len(dense.axes[0].lines) == 2
+
+    inputs = widgets.plot_inputs(data)
+    assert [a.get_xlabel() for a in inputs.axes[:M]] == data.transformation_labels
+
+    full = widgets.explorer_figure(data, "NV", layer, 2)
+    assert len(full.axes) == 1 + 2 + 2 + 2 * M + M and all(x or y for x, y in _labels(full)[:1])
+    png = widgets.figure_png(full)
+    again = widgets.figure_png(widgets.explorer_figure(data, "NV", layer, 2))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == again  # deterministic: same data, same bytes
+
+
+def test_explorer_redraws_from_the_cache_without_forwards(setup):
+    model, x, ts = setup
+    other = transforms.rotations(3)
+    explorer = widgets.Explorer({"tiny": model}, {"random": x}, {"4 rotations": ts, "3 rotations": other},
+                                n_samples=N, image=2, max_st_samples=ST, layer="inner.0")
+    assert model.images == N * M and explorer.cache.computations == 1
+    assert explorer.layer.options == tuple(explorer.data.layers) and explorer.layer.value == "inner.0"
+    assert explorer.unit.max == 3 and explorer.progress.value == explorer.progress.max == N
+    before = {w: getattr(explorer, w).value for w in ("curve", "heatmap", "st", "inputs")}
+    assert all(len(v) > 1000 for v in before.values())
+
+    explorer.layer.value = "inner.3"  # the layer selector's callback redraws panels 1–3
+    assert model.images == N * M
+    assert explorer.unit.max == 5
+    assert explorer.heatmap.value != before["heatmap"] and explorer.curve.value != before["curve"]
+    assert explorer.st.value != before["st"] and explorer.inputs.value == before["inputs"]
+    assert explorer.heatmap.value == widgets.figure_png(widgets.plot_channel_heatmap(explorer.data, "NV", "inner.3"))
+
+    heatmap = explorer.heatmap.value
+    explorer.select(unit=4)  # a unit redraws panel 3 only
+    assert explorer.heatmap.value == heatmap and explorer.unit.value == 4
+    explorer.select(measure="TV")
+    assert explorer.heatmap.value != heatmap and model.images == N * M
+    with pytest.raises(ValueError, match="layer: unknown layer name"):
+        explorer.select(layer="conv9")
+
+    explorer.transformation.value = "3 rotations"  # a new selection computes once …
+    assert model.images == N * M + N * 3 and explorer.cache.computations == 2
+    assert explorer.layer.value == "inner.3" and explorer.data.transformation_labels == ["0°", "120°", "240°"]
+    explorer.transformation.value = "4 rotations"  # … and going back is a cache hit
+    assert model.images == N * M + N * 3 and explorer.cache.computations == 2
+    assert explorer.figure().axes  # the static figure of the current selection
+    assert "tmlib-explorer" in explorer.widget._dom_classes and "tmlib-heatmap" in explorer.heatmap._dom_classes
+    assert "tmlib-layer" in explorer.layer._dom_classes
+
+
+def test_export_html_is_offline_and_inlines_every_layer(explored, tmp_path):
+    *_, data = explored
+    path = widgets.export_html(data, tmp_path / "report" / "explorer.html", layers=["inner.0", "inner.6"])
+    html = path.read_text()
+    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', html)) == 2
+    assert "Layer <code>inner.6</code>" in html
+    # Nothing to fetch: no script, stylesheet, image or import from the network.
+    assert not re.findall(r'(?:src|href)="(?:https?:)?//', html)
+    assert not re.findall(r"import [^;]*https?://|@import|<script[^>]+src=", html)
+    assert not list(path.parent.glob("*.tmp*"))  # written atomically
+    with pytest.raises(ValueError, match="layer: unknown layer name"):
+        widgets.export_html(data, tmp_path / "x.html", layers=["nope"])
