@@ -5,11 +5,11 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import CountingModel
 from torch import nn
 
 from tmlib import activations
 from tmlib import transforms as T
-from conftest import CountingModel
 from tmlib.measures import (
     DistanceSameEquivariance,
     NormalizedDistance,
@@ -481,7 +481,10 @@ def test_chunked_pairwise_sums_and_merged_states_are_exact(monkeypatch):
     # A state fed in two parts and merged equals one fed at once (columns pair across the parts).
     layer, context = LayerInfo("conv", (2, 3, 3)), PassContext(m=4)
     block = torch.randn(9, 4, 2, 3, 3)
-    new = lambda: distance.PairwiseDistances(layer, context, "channel", False, True, 1.0)
+
+    def new():
+        return distance.PairwiseDistances(layer, context, "channel", False, True, 1.0)
+
     whole, left, right = new(), new(), new()
     whole.update(block)
     left.update(block[:4])

@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import CountingModel
 from torch import nn
 
-from tmlib import activations, transforms as T
+from tmlib import activations
+from tmlib import transforms as T
 from tmlib.measures import (
     NonFiniteActivationError,
     NormalizedVariance,
@@ -16,7 +18,6 @@ from tmlib.measures import (
 )
 from tmlib.measures.moments import numba_available
 from tmlib.results import MeasureResult
-from conftest import CountingModel
 
 BACKENDS = ["torch"] + (["numba"] if numba_available() else [])
 ALL = [TransformationVariance(mode=mo, stat=st) for mo in ("element", "channel") for st in ("std", "var")]

@@ -114,7 +114,7 @@ def run(profile: str = "quick", names: list[str] | None = None, results_dir: str
             seconds = time.perf_counter() - start
             if status == "ok":
                 info = json.dumps({"params": _params_hash(params), "seconds": seconds})
-                atomic_write(marker, lambda tmp: Path(tmp).write_text(info))
+                atomic_write(marker, lambda tmp, text=info: Path(tmp).write_text(text))
         ok = status in ("ok", "reused")
         key = json.loads(summary.read_text()) if ok and summary.exists() else {"key": "", "value": ""}
         rows.append({"notebook": name, "status": status, "wall time (s)": round(seconds, 1),

@@ -20,13 +20,14 @@ from torch.utils.data import Dataset, Subset
 
 from ..engine import evaluate
 from ..results import MeasureResult
+from .base import Measure
 
 
 def _is_image_dataset(x: Any) -> bool:
     """A tmlib.data.ImageDataset (duck-typed: importing tmlib.data here would load it with the
     package, which ``python -m tmlib.data`` warns about)."""
     return isinstance(getattr(x, "labels", None), torch.Tensor) and callable(getattr(x, "subset", None))
-from .base import Measure
+
 
 __all__ = ["evaluate_stratified", "mean_over_classes"]
 
