@@ -221,6 +221,21 @@ def test_steerable_cnn_is_invariant_and_equivariant_by_construction(group, ts):
     assert float(spatial["gpool"]) < 1e-5  # after group pooling the fields are scalar: spatial is right
 
 
+@pytest.mark.parametrize("group,ts", [("C4", T.c4()), ("D4", T.d4())])
+def test_field_action_is_e2cnns_own(group, ts):
+    from e2cnn import nn as enn
+
+    model = SteerableCNN(group=group, fields=(2, 2, 3), fc_units=8, image_size=16)
+    elements = group_elements(model.gspace, ts)
+    actions = model.latent_actions(ts)
+    fx = torch.randn(3, model.conv1.out_type.size, 8, 8)
+    ours = actions["conv1"](fx)
+    theirs = torch.stack([enn.GeometricTensor(fx, model.conv1.out_type).transform(g).tensor for g in elements], 1)
+    assert torch.equal(ours, theirs)
+    gpooled = torch.randn(3, model.gpool.out_type.size, 4, 4)  # trivial fields: the spatial action alone
+    assert torch.equal(actions["gpool"](gpooled), ts.apply(gpooled))
+
+
 def test_steerable_cnn_state_round_trip_across_modes():
     torch.manual_seed(0)
     a = SteerableCNN(fields=(2, 2, 2), fc_units=4, image_size=8).eval()

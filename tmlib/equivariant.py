@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -242,23 +243,50 @@ class SteerableCNN(nn.Module):
 
         Field layers use their field type's action (e2cnn ``GeometricTensor.transform``); the
         invariant head uses the trivial action."""
-        _, enn = _e2cnn()
         elements = group_elements(self.gspace, ts)
         actions: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         for name, module in self.named_children():
             if isinstance(module, _FieldLayer):
-                actions[name] = _field_action(module.out_type, elements, enn)
+                actions[name] = _field_action(module.out_type, elements, ts)
             else:
                 actions[name] = _trivial_action(len(elements))
         return actions
 
 
-def _field_action(field_type: Any, elements: list[Any], enn: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    def act(fx: torch.Tensor) -> torch.Tensor:
-        tensor = enn.GeometricTensor(fx, field_type)
-        return torch.stack([tensor.transform(g).tensor for g in elements], dim=1)
+def _field_action(field_type: Any, elements: list[Any], ts: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """g·f = ρ(g) (f moved spatially by g) for every g: the spatial part is ``ts.apply`` (the same
+    pixel permutation as e2cnn's, see :func:`group_elements`), the fibre part ρ(g) is the field
+    type's representation. For regular and trivial fields ρ(g) is a permutation matrix, applied as
+    a channel gather (exact, and ~10× faster than ``GeometricTensor.transform``); otherwise as a
+    matrix product."""
+    matrices = [np.asarray(field_type.representation(g), dtype=np.float64) for g in elements]
+    permutations = [_as_permutation(r) for r in matrices]
+    if all(p is not None for p in permutations):
+        index = torch.as_tensor(np.stack(permutations))  # [m, C]: output channel c reads index[g, c]
 
-    return act
+        def act(fx: torch.Tensor) -> torch.Tensor:
+            moved = ts.apply(fx, fill=0.0)  # [b, m, C, H, W]
+            gather = index.to(fx.device).view(1, len(elements), -1, 1, 1).expand_as(moved)
+            return torch.gather(moved, 2, gather)
+
+        return act
+    rho = torch.as_tensor(np.stack(matrices))
+
+    def act_linear(fx: torch.Tensor) -> torch.Tensor:
+        moved = ts.apply(fx, fill=0.0)
+        return torch.einsum("gij,bgjhw->bgihw", rho.to(device=fx.device, dtype=fx.dtype), moved)
+
+    return act_linear
+
+
+def _as_permutation(matrix: np.ndarray, tol: float = 1e-9) -> np.ndarray | None:
+    """``p`` with matrix[c, p[c]] = 1 and zeros elsewhere (within ``tol``), or None."""
+    rounded = np.round(matrix)
+    if np.abs(matrix - rounded).max() > tol or not set(np.unique(rounded)) <= {0.0, 1.0}:
+        return None
+    if not ((rounded.sum(axis=0) == 1).all() and (rounded.sum(axis=1) == 1).all()):
+        return None
+    return rounded.argmax(axis=1)
 
 
 def _trivial_action(m: int) -> Callable[[torch.Tensor], torch.Tensor]:
