@@ -18,7 +18,7 @@ import torch
 
 from ..results import MeasureResult
 
-__all__ = ["Measure", "LayerInfo", "PassContext"]
+__all__ = ["LayerInfo", "LayerSkippingMeasure", "Measure", "PassContext"]
 
 
 class LayerInfo:
@@ -140,4 +140,36 @@ class Measure(ABC):
     def compute(self, metadata: dict[str, Any] | None = None) -> MeasureResult:
         values = {name: self.compute_layer(self._states[name], info) for name, info in self._layers.items()}
         meta = {"measure": self.name, **self.options(), **(metadata or {})}
+        return MeasureResult(self.name, values, meta)
+
+
+class LayerSkippingMeasure(Measure):
+    """A measure defined on some layers only (e.g. feature maps, or vectors of logits).
+
+    :meth:`compute_layer` runs where :meth:`skip_reason` gives None; the other layers are listed,
+    with their reason, in ``metadata["skipped_layers"]``. A pass in which every layer is skipped is
+    a ValueError (:meth:`all_skipped_message` says why)."""
+
+    def skip_reason(self, state: Any, layer: LayerInfo) -> str | None:
+        return None
+
+    def all_skipped_message(self, skipped: dict[str, str]) -> str:
+        return f"{self.name}: every observed layer was skipped: {skipped}"
+
+    def extra_metadata(self, values: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Entries added to the result's metadata once the values are computed."""
+        return {}
+
+    def compute(self, metadata: dict[str, Any] | None = None) -> MeasureResult:
+        values, skipped = {}, {}
+        for name, info in self._layers.items():
+            reason = self.skip_reason(self._states[name], info)
+            if reason is None:
+                values[name] = self.compute_layer(self._states[name], info)
+            else:
+                skipped[name] = reason
+        if not values:
+            raise ValueError(self.all_skipped_message(skipped))
+        meta = {"measure": self.name, **self.options(), **(metadata or {}), "skipped_layers": skipped}
+        meta.update(self.extra_metadata(values))
         return MeasureResult(self.name, values, meta)

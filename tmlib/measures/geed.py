@@ -57,7 +57,7 @@ import pandas as pd
 import torch
 
 from ..results import MeasureResult
-from .base import LayerInfo, Measure, PassContext
+from .base import LayerInfo, LayerSkippingMeasure, PassContext
 from .same_equivariance import identity_index
 
 __all__ = [
@@ -283,31 +283,7 @@ class LatentEquivarianceState:
 # ---------------------------------------------------------------------------- measures
 
 
-class _GEEDMeasure(Measure):
-    """Skips layers whose state has nothing to report; lists them in ``metadata["skipped_layers"]``."""
-
-    def _skip_reason(self, state: Any, layer: LayerInfo) -> str | None:
-        return None
-
-    def compute(self, metadata: dict[str, Any] | None = None) -> MeasureResult:
-        values, skipped = {}, {}
-        for name, info in self._layers.items():
-            reason = self._skip_reason(self._states[name], info)
-            if reason is None:
-                values[name] = self.compute_layer(self._states[name], info)
-            else:
-                skipped[name] = reason
-        if not values:
-            raise ValueError(f"{self.name}: every observed layer was skipped: {skipped}")
-        meta = {"measure": self.name, **self.options(), **(metadata or {}), "skipped_layers": skipped}
-        meta.update(self._extra_metadata(values))
-        return MeasureResult(self.name, values, meta)
-
-    def _extra_metadata(self, values: dict[str, np.ndarray]) -> dict[str, Any]:
-        return {}
-
-
-class GEEDInvariance(_GEEDMeasure):
+class GEEDInvariance(LayerSkippingMeasure):
     """Invariance G-EED: mean d(f(g·x), c_x) over samples and group elements, one value per layer.
 
     Args:
@@ -368,7 +344,7 @@ class GEEDInvariance(_GEEDMeasure):
         self._diagnostics = {}
         return super().compute(metadata)
 
-    def _extra_metadata(self, values: dict[str, np.ndarray]) -> dict[str, Any]:
+    def extra_metadata(self, values: dict[str, np.ndarray]) -> dict[str, Any]:
         if not self.normalize:
             return {}
         d = self._diagnostics
@@ -379,7 +355,7 @@ class GEEDInvariance(_GEEDMeasure):
         }
 
 
-class GEEDOutputKL(_GEEDMeasure):
+class GEEDOutputKL(LayerSkippingMeasure):
     """Output-layer G-EED: mean KL( softmax f(g·x) ‖ mean_h softmax f(h·x) ), in nats, per vector layer."""
 
     short_name = "GEED-KL"
@@ -390,14 +366,14 @@ class GEEDOutputKL(_GEEDMeasure):
     def new_state(self, layer: LayerInfo, context: PassContext) -> OrbitState:
         return OrbitState(layer, context)
 
-    def _skip_reason(self, state: OrbitState, layer: LayerInfo) -> str | None:
+    def skip_reason(self, state: OrbitState, layer: LayerInfo) -> str | None:
         return None if state.kl is not None else "not a vector of logits"
 
     def compute_layer(self, state: OrbitState, layer: LayerInfo) -> np.ndarray:
         return np.array(state.mean_kl())
 
 
-class GEEDEquivariance(_GEEDMeasure):
+class GEEDEquivariance(LayerSkippingMeasure):
     """Latent-equivariance G-EED: mean d(f(g·x), g·f(x)) per layer, for a known action of G.
 
     Args:
@@ -452,7 +428,7 @@ class GEEDEquivariance(_GEEDMeasure):
             raise ValueError("GEEDEquivariance needs the transformation set: use tmlib.measures.evaluate")
         return LatentEquivarianceState(layer, context, self._layer_action(layer, context.ts))
 
-    def _skip_reason(self, state: LatentEquivarianceState, layer: LayerInfo) -> str | None:
+    def skip_reason(self, state: LatentEquivarianceState, layer: LayerInfo) -> str | None:
         return None if state.action is not None else "no action of the group defined on this layer"
 
     def compute_layer(self, state: LatentEquivarianceState, layer: LayerInfo) -> np.ndarray:

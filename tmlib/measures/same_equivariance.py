@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..results import MeasureResult
-from .base import LayerInfo, Measure, PassContext
+from .base import LayerInfo, LayerSkippingMeasure, PassContext
 from .distance import l2_normalize_maps
 from .moments import STMoments
 from .variance import _VarianceMeasure, divide_nv
@@ -244,28 +244,17 @@ class SameEquivarianceDistanceState:
 # ---------------------------------------------------------------------------- measures
 
 
-class _SpatialOnly(Measure):
+class _SpatialOnly(LayerSkippingMeasure):
     """Computes spatial layers only; the others go to ``metadata["skipped_layers"]``."""
 
-    def compute(self, metadata: dict[str, Any] | None = None) -> MeasureResult:
-        values, skipped = {}, {}
-        for name, info in self._layers.items():
-            if info.spatial:
-                values[name] = self.compute_layer(self._states[name], info)
-            else:
-                skipped[name] = _SKIP_NOTE
-        if not values:
-            raise ValueError(
-                f"{self.name}: no observed layer has spatial dimensions [C, H, W]; same-equivariance "
-                f"compares feature maps with transformed feature maps. Skipped layers: {list(skipped)}"
-            )
-        meta = {
-            "measure": self.name,
-            **self.options(),
-            **(metadata or {}),
-            "skipped_layers": skipped,
-        }
-        return MeasureResult(self.name, values, meta)
+    def skip_reason(self, state: Any, layer: LayerInfo) -> str | None:
+        return None if layer.spatial else _SKIP_NOTE
+
+    def all_skipped_message(self, skipped: dict[str, str]) -> str:
+        return (
+            f"{self.name}: no observed layer has spatial dimensions [C, H, W]; same-equivariance "
+            f"compares feature maps with transformed feature maps. Skipped layers: {list(skipped)}"
+        )
 
 
 class _VarianceSE(_SpatialOnly, _VarianceMeasure):
