@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["DATASETS", "SPLITS", "FetchResult", "ImageDataset", "describe", "fetch", "load", "available"]
+__all__ = ["DATASETS", "SPLITS", "FetchResult", "ImageDataset", "describe", "fetch", "holdout", "load", "available"]
 
 SPLITS = ("train", "test")
 
@@ -263,6 +263,23 @@ def load(
         idx = torch.randperm(len(ds), generator=gen)[:n]
     # Sorted, so a subset keeps the data set's order (classes interleaved, not in blocks).
     return ds.subset(torch.sort(idx).values)
+
+
+def holdout(dataset: ImageDataset, n: int, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """Split ``dataset`` into (the rest, ``n`` held-out images): a validation set for early stopping.
+
+    The held-out images are class-balanced (as ``load(..., n=n)``) and deterministic for ``seed``;
+    both parts keep the data set's order and have no image in common."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 < n < len(dataset):
+        raise ValueError(f"n must be an integer in [1, {len(dataset) - 1}] (images held out), got {n!r}")
+    gen = torch.Generator().manual_seed(seed)
+    held = torch.sort(_stratified_indices(dataset.labels, int(n), dataset.num_classes, gen)).values
+    keep = torch.ones(len(dataset), dtype=torch.bool)
+    keep[held] = False
+    rest = dataset.subset(torch.nonzero(keep).flatten())
+    validation = dataset.subset(held)
+    validation.split = f"{dataset.split}-holdout"
+    return rest, validation
 
 
 @dataclass

@@ -1,0 +1,172 @@
+"""Uncertainty of derived numbers: jackknife algebra over layer means, seeds combined.
+
+A result of ``evaluate(..., blocks=K)`` carries K leave-one-block-out replicates of every layer
+mean. Any number computed from layer means — a difference between two models, the mean of the last
+quarter of the layers, a difference of differences — has a jackknife standard error computed by
+applying the same arithmetic to each replicate. :class:`Jack` does exactly that: it holds a value
+(per layer, or a scalar) and its K replicates, and every operation acts on both.
+
+Seeds: :func:`seed_mean` averages one :class:`Jack` per seed (same samples and blocks) and returns
+an :class:`Estimate` whose variance adds the between-seed spread (var/S) to the jackknife variance
+of the seed-mean, with Welch–Satterthwaite degrees of freedom, as :func:`tmlib.stats.seed_summary`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..results import MeasureResult
+from ..stats import t_interval
+
+__all__ = ["Estimate", "Jack", "first_quarter", "last_quarter", "seed_mean"]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A number with its standard error and the degrees of freedom of its t interval."""
+
+    value: float
+    se: float
+    dof: float
+
+    def interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        if not np.isfinite(self.se) or self.se == 0 or not self.dof > 0:
+            return self.value, self.value
+        return t_interval(self.value, self.se, self.dof, confidence)
+
+    @property
+    def low(self) -> float:
+        return self.interval()[0]
+
+    @property
+    def high(self) -> float:
+        return self.interval()[1]
+
+    def excludes_zero(self, confidence: float = 0.95) -> bool:
+        low, high = self.interval(confidence)
+        return bool(low > 0 or high < 0)
+
+    def __str__(self) -> str:
+        low, high = self.interval()
+        return f"{self.value:.4g} [{low:.4g}, {high:.4g}]"
+
+
+class Jack:
+    """A value and its K jackknife replicates (the same arithmetic applied to both).
+
+    ``value``: a Series indexed by layer (or a float); ``replicates``: a DataFrame K × layers (or an
+    array [K]). Build one from a result with :meth:`of`."""
+
+    def __init__(self, value: pd.Series | float, replicates: pd.DataFrame | np.ndarray):
+        self.value = value
+        self.replicates = replicates
+
+    @classmethod
+    def of(cls, result: MeasureResult, layers: Sequence[str] | None = None) -> Jack:
+        """Layer means of ``result`` (computed with ``blocks=K``), optionally some layers only."""
+        if result.replicates is None:
+            raise ValueError(f"{result.measure}: the result has no jackknife replicates; measure with blocks=K")
+        value, replicates = result.layer_means(), result.replicates
+        if layers is not None:
+            value, replicates = value.loc[list(layers)], replicates[list(layers)]
+        return cls(value.astype(float), replicates.astype(float))
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def k(self) -> int:
+        return len(self.replicates)
+
+    @property
+    def scalar(self) -> bool:
+        return not isinstance(self.value, pd.Series)
+
+    def layers(self, names: Sequence[str]) -> Jack:
+        return Jack(self.value.loc[list(names)], self.replicates[list(names)])
+
+    def mean(self, layers: Sequence[str] | None = None) -> Jack:
+        """The mean over (some) layers, NaN layers skipped: a scalar Jack."""
+        part = self if layers is None else self.layers(layers)
+        return Jack(float(np.nanmean(part.value.to_numpy())), np.nanmean(part.replicates.to_numpy(), axis=1))
+
+    # ------------------------------------------------------------------ arithmetic
+    def _combine(self, other: Jack | float, op) -> Jack:
+        if isinstance(other, Jack):
+            if other.k != self.k:
+                raise ValueError(f"cannot combine jackknives of {self.k} and {other.k} blocks")
+            return Jack(op(self.value, other.value), op(_values(self.replicates), _values(other.replicates))
+                        if self.scalar or other.scalar else op(self.replicates, other.replicates))
+        return Jack(op(self.value, other), op(self.replicates, other))
+
+    def __sub__(self, other):
+        return self._combine(other, lambda a, b: a - b)
+
+    def __add__(self, other):
+        return self._combine(other, lambda a, b: a + b)
+
+    def __mul__(self, other):
+        return self._combine(other, lambda a, b: a * b)
+
+    def __truediv__(self, other):
+        return self._combine(other, lambda a, b: a / b)
+
+    def __neg__(self):
+        return Jack(-self.value, -self.replicates)
+
+    # ------------------------------------------------------------------ uncertainty
+    def se(self) -> pd.Series | float:
+        reps = _values(self.replicates)
+        k = len(reps)
+        se = np.sqrt((k - 1) / k * np.square(reps - reps.mean(axis=0)).sum(axis=0))
+        return pd.Series(se, index=self.value.index) if not self.scalar else float(se)
+
+    def estimate(self) -> Estimate:
+        if not self.scalar:
+            raise ValueError("estimate() needs a scalar; take .mean(...) or index a layer first")
+        return Estimate(float(self.value), self.se(), self.k - 1)
+
+    def frame(self, confidence: float = 0.95) -> pd.DataFrame:
+        """Per layer: value, se, low, high."""
+        se = self.se()
+        low, high = t_interval(self.value.to_numpy(), se.to_numpy(), self.k - 1, confidence)
+        return pd.DataFrame({"layer": self.value.index, "value": self.value.to_numpy(), "se": se.to_numpy(),
+                             "low": low, "high": high})
+
+
+def _values(x):
+    return x.to_numpy() if isinstance(x, (pd.DataFrame, pd.Series)) else np.asarray(x)
+
+
+def seed_mean(jacks: Sequence[Jack]) -> Estimate:
+    """The mean over seeds of scalar jackknives (same samples and blocks), with an SE combining the
+    between-seed variance (s²/S) and the jackknife variance of the seed-mean; Welch–Satterthwaite
+    degrees of freedom. One seed: the jackknife alone."""
+    jacks = list(jacks)
+    if not jacks or not all(j.scalar for j in jacks):
+        raise ValueError("seed_mean needs at least one scalar Jack (take .mean(...) first)")
+    values = np.array([j.value for j in jacks], dtype=np.float64)
+    mean_jack = Jack(float(values.mean()), np.mean([_values(j.replicates) for j in jacks], axis=0))
+    var_jk = mean_jack.se() ** 2
+    s = len(values)
+    if s == 1:
+        return Estimate(float(values[0]), float(np.sqrt(var_jk)), mean_jack.k - 1)
+    var_seed = values.var(ddof=1) / s
+    total = var_seed + var_jk
+    denominator = var_seed ** 2 / (s - 1) + var_jk ** 2 / (mean_jack.k - 1)
+    dof = total ** 2 / denominator if denominator > 0 else float(s - 1)
+    return Estimate(float(values.mean()), float(np.sqrt(total)), float(dof))
+
+
+def first_quarter(layers: Sequence[str]) -> list[str]:
+    """The first quarter of the layers (at least one), in forward order."""
+    layers = list(layers)
+    return layers[: max(1, round(len(layers) / 4))]
+
+
+def last_quarter(layers: Sequence[str]) -> list[str]:
+    """The last quarter of the layers (at least one), in forward order."""
+    layers = list(layers)
+    return layers[-max(1, round(len(layers) / 4)):]
