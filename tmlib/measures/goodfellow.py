@@ -351,6 +351,9 @@ class GoodfellowMeasure(Measure):
     """
 
     short_name = "Goodfellow"
+    # Jackknife replicates (evaluate(blocks=K)) would need thresholds set on all samples but block k,
+    # i.e. a threshold per replicate and a main pass counting against each: not implemented.
+    supports_blocks = False
 
     def __init__(
         self,

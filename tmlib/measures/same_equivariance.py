@@ -198,7 +198,8 @@ class SameEquivarianceDistanceState:
         self.spatial = layer.spatial
         self.total: torch.Tensor | None = None
         self.count = 0  # pairs (i, j) seen
-        self.n = 0  # samples seen: the cursor into the reference outputs
+        self.n = 0  # samples seen
+        self.cursor = 0  # index of the next sample: the row of the reference outputs to read
 
     def update(self, block: torch.Tensor) -> None:
         if not self.spatial:
@@ -208,7 +209,7 @@ class SameEquivarianceDistanceState:
         if self.identity is not None:
             fx = y[:, self.identity]
         else:
-            fx = _maps(self.reference.read(self.n, b), self.layer, 1).to(
+            fx = _maps(self.reference.read(self.cursor, b), self.layer, 1).to(
                 device=y.device, dtype=y.dtype
             )
         expected = self.ts.apply(fx, fill=0.0)  # t_j F(x_i): [b, m, C', H, W]
@@ -220,8 +221,13 @@ class SameEquivarianceDistanceState:
         self.total = d if self.total is None else self.total + d
         self.count += b * self.m
         self.n += b
-        if self.reference is not None and self.n == self.reference.n:
+        self.cursor += b
+        if self.reference is not None and self.cursor == self.reference.n:
             self.reference = None  # everything read: let the stored outputs be freed with the pass
+
+    def seek(self, start: int) -> None:
+        """The next block starts at sample ``start`` (a state of one sample block)."""
+        self.cursor = start
 
     def merge(self, other: SameEquivarianceDistanceState) -> SameEquivarianceDistanceState:
         if other.total is not None:
