@@ -32,8 +32,10 @@ from .zoo import (
     regression_errors,
     snapshot_models,
     spec_dict,
+    test_accuracy,
     trained_model,
 )
+from .notebook import Notebook
 
 __all__ = [
     "DESIGNS",
@@ -48,6 +50,7 @@ __all__ = [
     "Jack",
     "Measurement",
     "ModelSpec",
+    "Notebook",
     "Timer",
     "accuracy_table",
     "augmentation_set",
@@ -76,6 +79,7 @@ __all__ = [
     "settings",
     "snapshot_models",
     "spec_dict",
+    "test_accuracy",
     "tidy",
     "trained_model",
     "variance_measures",

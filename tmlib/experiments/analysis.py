@@ -54,6 +54,14 @@ class Estimate:
         low, high = self.interval()
         return f"{self.value:.4g} [{low:.4g}, {high:.4g}]"
 
+    @classmethod
+    def of_values(cls, values: Sequence[float]) -> Estimate:
+        """The mean of independent repeats (e.g. one number per seed), SE = s/√S, S − 1 dof."""
+        values = np.asarray(list(values), dtype=np.float64)
+        if len(values) < 2:
+            return cls(float(values.mean()), float("nan"), 0.0)
+        return cls(float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))), float(len(values) - 1))
+
 
 class Jack:
     """A value and its K jackknife replicates (the same arithmetic applied to both).

@@ -67,11 +67,12 @@ class Design:
     def train(self, data_root: str = "data", models_dir: str = "data/models", progress: bool = True,
               device: str | torch.device | None = None) -> dict[str, nn.Module]:
         """Every model of the design, trained or loaded from the cache (eval mode)."""
+        n_test = self.settings.get("n_test")
         out = {}
         for label, spec in self.models.items():
-            out[label] = trained_model(spec, data_root, models_dir, progress, device)
+            out[label] = trained_model(spec, data_root, models_dir, progress, device, n_test=n_test)
         for label, (source, spec) in self.pretrained.items():
-            out[label] = fine_tuned_model(source, spec, data_root, models_dir, progress, device)
+            out[label] = fine_tuned_model(source, spec, data_root, models_dir, progress, device, n_test=n_test)
         return out
 
     def measure(self, trained: dict[str, nn.Module], data_root: str = "data", progress: bool = True,

@@ -32,6 +32,7 @@ __all__ = [
     "fine_tuned_model",
     "snapshot_models",
     "spec_dict",
+    "test_accuracy",
     "trained_model",
 ]
 
@@ -172,26 +173,27 @@ def _fit(model: nn.Module, spec: ModelSpec, train_set: Any, validation: Any, mod
 
 def trained_model(
     spec: ModelSpec, data_root: str = "data", models_dir: str = "data/models", progress: bool = True,
-    device: str | torch.device | None = None, evaluate: bool = True,
+    device: str | torch.device | None = None, evaluate: bool = True, n_test: int | None = None,
 ) -> nn.Module:
     """Build and train (or load from the cache) the model of ``spec``; eval mode on return.
 
     ``device``: where to train and evaluate (None: CUDA when available, else the CPU). With
-    ``evaluate`` the test accuracies of :func:`evaluate_model` are attached as ``model.evaluation``
-    (trained models only; cached beside the checkpoint)."""
+    ``evaluate`` the test accuracies of :func:`evaluate_model` on ``n_test`` test images (None: all)
+    are attached as ``model.evaluation`` (trained models only; cached beside the checkpoint)."""
     device = torch.device(device) if device is not None else default_device()
     model = build_model(spec).to(device)
     if spec.trained:
         train_set, validation = _training_data(spec, data_root)
         _fit(model, spec, train_set, validation, models_dir, progress, device)
     model.spec = spec  # what the model is, for tables and figures
-    model.evaluation = evaluate_model(model, spec, data_root) if evaluate and spec.trained else None
+    model.evaluation = evaluate_model(model, spec, data_root, n_test) if evaluate and spec.trained else None
     return model.eval()
 
 
 def fine_tuned_model(
     pretrained: ModelSpec, spec: ModelSpec, data_root: str = "data", models_dir: str = "data/models",
     progress: bool = True, device: str | torch.device | None = None, evaluate: bool = True,
+    n_test: int | None = None,
 ) -> nn.Module:
     """``spec``'s training started from the weights of ``pretrained`` (trained, cached, on its own
     dataset) instead of ``spec.init_seed``'s random ones; cached too (the initial weights are part
@@ -215,7 +217,7 @@ def fine_tuned_model(
     _fit(model, spec, train_set, validation, models_dir, progress, device)
     model.spec = spec
     model.pretrained = pretrained
-    model.evaluation = evaluate_model(model, spec, data_root) if evaluate else None
+    model.evaluation = evaluate_model(model, spec, data_root, n_test) if evaluate else None
     return model.eval()
 
 
@@ -238,7 +240,10 @@ def snapshot_models(model: nn.Module) -> dict[int, nn.Module]:
 
 
 def _test_under_training_distribution(spec: ModelSpec, test: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    augment = augmentation_set(spec.augment, spec.augment_degrees)
+    return _transformed_test(augmentation_set(spec.augment, spec.augment_degrees), test)
+
+
+def _transformed_test(augment: Any, test: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     if augment is None:
         return None
     x, y = test.tensors()
@@ -255,6 +260,21 @@ def _accuracy_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size:
         for i in range(0, len(x), batch_size):
             correct += int((model(x[i:i + batch_size].to(device)).argmax(1).cpu() == y[i:i + batch_size]).sum())
     return correct / len(x)
+
+
+def test_accuracy(model: nn.Module, dataset: str, augment: str | None = None, data_root: str = "data",
+                  n_test: int | None = None, degrees: float = 360.0) -> float:
+    """Accuracy of ``model`` on the test split of ``dataset`` (the first ``n_test`` stratified images,
+    default all) transformed as a model trained with ``augment`` sees its training data: each image
+    by one member of the augmentation set, the same draws as :func:`evaluate_model`. None: upright."""
+    test = data.load(dataset, "test", n=n_test, root=resolve(data_root))
+    pair = _transformed_test(augmentation_set(augment, degrees), test)
+    was_training = model.training
+    model.eval()
+    try:
+        return _accuracy_of(model, *(pair if pair is not None else test.tensors()))
+    finally:
+        model.train(was_training)
 
 
 def evaluate_model(model: nn.Module, spec: ModelSpec, data_root: str = "data", n_test: int | None = None) -> dict:
