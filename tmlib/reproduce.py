@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where models train and are measured, e.g. cpu or cuda:0 (default: cuda if available)")
     parser.add_argument("--no-train-stage", action="store_true",
                         help="let each notebook train its own models instead of training them all first")
+    parser.add_argument("--train-only", action="store_true", help="run the training stage only")
     parser.add_argument("names", nargs="*", help="notebooks to run (default: all)")
     args = parser.parse_args(argv)
     names = args.names or None
@@ -311,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.no_train_stage:
             _current["stage"] = "the training stage (finished models are cached)"
-            train_all(args.profile, names, jobs=args.jobs, device=args.device)
+            trained = train_all(args.profile, names, jobs=args.jobs, device=args.device)
+            if args.train_only:
+                return 0 if trained.empty or trained["met"].ne(False).all() else 1
         _current["stage"] = "the notebooks"
         table = run(args.profile, names, force=args.force, device=args.device)
     except KeyboardInterrupt:

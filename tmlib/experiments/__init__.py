@@ -7,7 +7,17 @@ profile, **parameters)`` gives the models and measurements, ``design.train()`` /
 run them, :class:`Jack` and :func:`seed_mean` give intervals, :class:`Claims` asserts and records.
 """
 
-from .analysis import Estimate, Jack, first_quarter, last_quarter, seed_mean
+from .analysis import (
+    Estimate,
+    Jack,
+    first_quarter,
+    last_quarter,
+    profile_distance,
+    seed_mean,
+    seed_profile,
+    seed_spread,
+    spread_ratio,
+)
 from .claims import ClaimError, Claims, claims_markdown, format_interval
 from .design import Design, Measurement
 from .designs import DESIGNS, design
@@ -21,6 +31,7 @@ from .profiles import (
     floor_for,
     measurement_set,
     profile_settings,
+    ranged_set,
     settings,
 )
 from .records import FloorError, check_floors, model_rows, provenance, record_models, save_csv
@@ -71,14 +82,19 @@ __all__ = [
     "measurement_set",
     "model_rows",
     "profile_settings",
+    "profile_distance",
     "provenance",
+    "ranged_set",
     "record_models",
     "regression_errors",
     "save_csv",
     "seed_mean",
+    "seed_profile",
+    "seed_spread",
     "settings",
     "snapshot_models",
     "spec_dict",
+    "spread_ratio",
     "test_accuracy",
     "tidy",
     "trained_model",

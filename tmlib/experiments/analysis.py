@@ -22,7 +22,7 @@ import pandas as pd
 from ..results import MeasureResult
 from ..stats import t_interval
 
-__all__ = ["Estimate", "Jack", "first_quarter", "last_quarter", "seed_mean"]
+__all__ = ["Estimate", "Jack", "first_quarter", "last_quarter", "profile_distance", "seed_mean", "seed_profile", "seed_spread", "spread_ratio"]
 
 
 @dataclass(frozen=True)
@@ -178,3 +178,58 @@ def last_quarter(layers: Sequence[str]) -> list[str]:
     """The last quarter of the layers (at least one), in forward order."""
     layers = list(layers)
     return layers[-max(1, round(len(layers) / 4)):]
+
+
+def seed_profile(jacks: Sequence[Jack], label: str | None = None, confidence: float = 0.95) -> pd.DataFrame:
+    """The per-layer mean over seeds of per-layer :class:`Jack` s (same layers, samples and blocks),
+    each layer's interval from :func:`seed_mean`: a tidy frame with columns layer, index, depth,
+    value, se, low, high (and label), ready for :func:`tmlib.plots.layer_curves`."""
+    jacks = list(jacks)
+    layers = list(jacks[0].value.index)
+    rows = []
+    for layer in layers:
+        est = seed_mean([j.mean([layer]) for j in jacks])
+        low, high = est.interval(confidence)
+        rows.append({"layer": layer, "value": est.value, "se": est.se, "low": low, "high": high})
+    out = pd.DataFrame(rows)
+    out.insert(1, "index", np.arange(len(out)))
+    out.insert(2, "depth", out["index"] / max(len(out) - 1, 1))
+    if label is not None:
+        out["label"] = label
+    return out
+
+
+def seed_spread(profiles: np.ndarray) -> float:
+    """Seed spread of a configuration: the std across seeds (rows) of each layer (columns), averaged
+    over layers."""
+    return float(np.asarray(profiles, dtype=np.float64).std(axis=0, ddof=1).mean())
+
+
+def profile_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over layers of |seed-mean of a − seed-mean of b| (rows are seeds, columns layers)."""
+    return float(np.abs(np.asarray(a, dtype=np.float64).mean(axis=0) - np.asarray(b, dtype=np.float64).mean(axis=0)).mean())
+
+
+def spread_ratio(configurations: dict[str, np.ndarray], pairs: Sequence[tuple[str, str]], n_boot: int = 2000,
+                 seed: int = 0, confidence: float = 0.95) -> dict[str, float]:
+    """How far apart configurations are relative to how much seeds spread within one.
+
+    ``configurations``: name → [seeds, layers] profiles (e.g. trained − untrained NV per seed).
+    Returns the smallest :func:`profile_distance` over ``pairs``, the largest :func:`seed_spread`,
+    their ratio, and a percentile bootstrap interval of the ratio (seeds resampled with replacement
+    within each configuration, ``n_boot`` times)."""
+    def ratio(confs: dict[str, np.ndarray]) -> tuple[float, float, float]:
+        distance = min(profile_distance(confs[a], confs[b]) for a, b in pairs)
+        spread = max(seed_spread(p) for p in confs.values())
+        return distance, spread, distance / spread if spread > 0 else float("inf")
+
+    distance, spread, value = ratio(configurations)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        resampled = {name: p[rng.integers(0, len(p), len(p))] for name, p in configurations.items()}
+        if any(len(np.unique(p, axis=0)) < 2 for p in resampled.values()):
+            continue  # a resample of one distinct seed has no spread
+        boots.append(ratio(resampled)[2])
+    low, high = np.percentile(boots, [50 * (1 - confidence), 50 * (1 + confidence)]) if boots else (np.nan, np.nan)
+    return {"distance": distance, "spread": spread, "ratio": value, "low": float(low), "high": float(high)}

@@ -40,7 +40,8 @@ class Measurement:
     measures: Callable[[nn.Module, transforms.TransformationSet], list[Measure]] | None = None
     blocks: int | None = None
     seed: int = 0
-    options: dict = field(default_factory=dict)
+    stratified: bool = True  # class-balanced test subset (False: a uniform random one, as in 2019)
+    options: dict = field(default_factory=dict)  # more arguments of evaluate
 
     def transformation_set(self) -> transforms.TransformationSet:
         t = self.transformation
@@ -86,7 +87,8 @@ class Design:
             ts = mm.transformation_set()
             measures = mm.measures(model, ts) if mm.measures is not None else variance_measures()
             out[key] = measure(model, mm.dataset, ts, mm.n_samples, measures=measures, data_root=data_root,
-                               seed=mm.seed, progress=progress, blocks=mm.blocks, **mm.options)
+                               seed=mm.seed, progress=progress, blocks=mm.blocks, stratified=mm.stratified,
+                               **mm.options)
         return out
 
     def specs(self) -> list[ModelSpec]:

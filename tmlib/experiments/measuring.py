@@ -41,11 +41,13 @@ def measure(
     seed: int = 0,
     progress: bool = True,
     blocks: int | None = None,
+    stratified: bool = True,
     **kwargs: Any,
 ) -> dict[str, MeasureResult]:
     """``measures`` (default TV, SV, NV in channel mode, as in [Q23]) of every layer, on a stratified
-    test subset of ``n_samples`` images of ``dataset``; ``blocks`` jackknife blocks give intervals."""
-    samples = data.load(dataset, "test", n=n_samples, root=resolve(data_root), seed=seed)
+    (or, with ``stratified=False``, uniformly drawn) test subset of ``n_samples`` images of
+    ``dataset``; ``blocks`` jackknife blocks give intervals."""
+    samples = data.load(dataset, "test", n=n_samples, root=resolve(data_root), seed=seed, stratified=stratified)
     ts = measurement_set(transformation) if isinstance(transformation, str) else transformation
     measures = measures or variance_measures()
     spec = getattr(model, "spec", None)

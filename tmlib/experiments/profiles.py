@@ -24,6 +24,7 @@ __all__ = [
     "floor_for",
     "measurement_set",
     "profile_settings",
+    "ranged_set",
     "settings",
 ]
 
@@ -162,3 +163,19 @@ def augmentation_set(name: str | None, degrees: float = 360.0) -> transforms.Tra
     if name == "rotation":
         return transforms.rotations(max(2, int(round(degrees))), degrees=degrees)
     return measurement_set(name)
+
+
+def ranged_set(name: str, fraction: float) -> transforms.TransformationSet:
+    """[Q23]'s 25-element set of ``name`` narrowed to ``fraction`` (0 < f ≤ 1) of its range, for the
+    complexity experiment: rotations over 360°·f (centred on 0° below a full turn), scale factors in
+    [1 − 0.5 f, 1 + 0.25 f], translations of (0.05, 0.10, 0.15)·f of the image size. f = 1 is the
+    paper's set."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    if name == "rotation":
+        return transforms.rotations(25, degrees=360.0 * fraction)
+    if name == "scale":
+        return transforms.scales(min_scale=1 - 0.5 * fraction, max_scale=1 + 0.25 * fraction)
+    if name == "translation":
+        return transforms.translations(intensities=tuple(i * fraction for i in (0.05, 0.10, 0.15)))
+    raise ValueError(f"name must be one of {TRANSFORMATIONS}, got {name!r}")

@@ -18,6 +18,10 @@ __all__ = ["DESIGNS", "design"]
 DESIGNS: dict[str, Callable[..., Design]] = {
     "00_quickstart": quiroga.quickstart,
     "01_validation": quiroga.validation,
+    "02_random_init": quiroga.stability,
+    "03_dataset_transformation": quiroga.sensitivity,
+    "04_model_comparison": quiroga.model_comparison,
+    "06_architecture": quiroga.architecture,
 }
 
 
