@@ -16,14 +16,15 @@ ROOT = project_root(Path(__file__).parent)
 # The smallest parameters of each notebook: seconds on 2 cores, still real data and real training.
 TINY = {"n_train": 200, "epochs": 1, "n_samples": 20, "n_test": 100, "check_claims": False, "progress": False}
 SMALLEST = {
-    "00_quickstart": {"n_train": 400, "n_test": 200, "epochs": 1, "n_samples": 20, "n_rotations": 4, "check_claims": False},
-    "01_validation": {**TINY, "transformations": ["rotation", "translation"]},
-    "02_random_init": {**TINY, "n_seeds": 2},
-    "03_dataset_transformation": {**TINY, "datasets": ["mnist", "cifar10"], "transformations": ["rotation", "scale"],
-                                  "complexity_degrees": [360, 90], "n_seed_reference": 1},
-    "04_model_comparison": {**TINY, "architectures": ["SimpleConv", "TIPooling"]},
+    "00_quickstart": {**TINY, "n_train": 400, "n_rotations": 4},
+    "01_validation": {**TINY, "transformations": ["rotation", "translation"], "n_seeds": 2},
+    "02_random_init": {**TINY, "n_seeds": 2, "n_dataset_seeds": 2, "transformations": ["rotation", "scale"]},
+    "03_dataset_transformation": {**TINY, "datasets": ["mnist", "fashion-mnist", "cifar10"],
+                                  "transformations": ["rotation", "scale"], "complexity_fractions": [1, 0.5],
+                                  "n_seeds": 2},
+    "04_model_comparison": {**TINY, "architectures": ["SimpleConv", "ResNet", "TIPooling"]},
     "05_sample_size": {k: v for k, v in TINY.items() if k not in ("n_samples", "n_test")} | {"sizes": [4, 8]},
-    "06_architecture": {**TINY},
+    "06_architecture": {**TINY, "variants": ["base", "batch norm"], "n_seeds": 2},
     "07_measure_comparison": {**TINY, "firing_rates": [0.05, 0.1]},
     "08_same_equivariance": {**TINY, "transformations": ["rotation", "translation"]},
     "09_kvinge": {**TINY, "steerable_fields": [2, 2, 4]},
@@ -56,13 +57,13 @@ def _execute(name, tmp_path):
 
 # What each notebook must write into figures/ (besides its checks inside the notebook).
 FIGURES = {
-    "01_validation": ["01_validation.png", "01_validation.csv"],
+    "01_validation": ["01_validation.png", "01_validation.csv", "01_during_training.png"],
     "02_random_init": ["02_random_init.png", "02_random_init.csv"],
-    "03_dataset_transformation": ["03_dataset_transformation.png", "03_diversity.png", "03_complexity.png",
-                                  "03_dataset_transformation.csv"],
-    "04_model_comparison": ["04_model_comparison.png", "04_model_comparison.csv"],
+    "03_dataset_transformation": ["03_dataset_transformation.png", "03_dataset_transformation.csv", "03_diversity.png",
+                                  "03_complexity.png"],
+    "04_model_comparison": ["04_model_comparison.png", "04_model_comparison.csv", "04_table_2019.csv"],
     "05_sample_size": ["05_sample_size.png", "05_sample_size.csv"],
-    "06_architecture": ["06_architecture.png", "06_architecture.csv"],
+    "06_architecture": ["06_architecture.png", "06_architecture.csv", "06_effects.csv"],
     "07_measure_comparison": ["07_measure_comparison.png", "07_measure_comparison.csv", "07_goodfellow_sweep.png"],
     "08_same_equivariance": ["08_same_equivariance.png", "08_same_equivariance.csv"],
     "10_liegg": ["10_liegg.png", "10_liegg.csv", "10_liegg_generator.png"],
@@ -90,6 +91,26 @@ def test_experiment_notebook(name, tmp_path):
     if frame is not None:
         assert {"layer", "value"} <= set(frame.columns) or {"n", "m", "NV"} <= set(frame.columns)
         assert len(frame) > 0
+        assert {"tmlib_version", "git_commit", "torch_version", "profile"} <= set(frame.columns)  # provenance
+    _check_records(name, tmp_path / "figures")
+
+
+def _check_records(name, figures):
+    """models.csv has a row per trained model of the notebook (if it trains any); claims.csv its claims."""
+    from tmlib.experiments import DESIGNS, design
+
+    if name not in DESIGNS:
+        return
+    d = design(name, "quick", **{k: v for k, v in SMALLEST[name].items() if k not in ("check_claims", "progress")})
+    trained = {label for label, spec in {**d.models, **{k: s for k, (_, s) in d.pretrained.items()}}.items()
+               if spec.trained}
+    if trained:
+        models = pd.read_csv(figures / "models.csv")
+        assert set(models[models.notebook == name]["model"]) == trained
+        assert models["floor"].notna().all() or (models["task"] != "classify").any()
+    claims = pd.read_csv(figures / "claims.csv")
+    mine = claims[claims.notebook == name]
+    assert len(mine) > 0 and mine["verdict"].notna().all() and mine["measured"].str.len().gt(0).all()
 
 
 @pytest.mark.notebook
@@ -129,9 +150,11 @@ def test_quickstart_notebook(tmp_path):
     _execute("00_quickstart", tmp_path)
     assert (tmp_path / "figures" / "00_quickstart_nv.png").stat().st_size > 10_000
     frame = pd.read_csv(tmp_path / "figures" / "00_quickstart_nv.csv")
-    assert set(frame["training"]) == {"no augmentation", "rotation augmentation"}
+    assert set(frame["training"]) == {"untrained", "no augmentation", "rotation augmentation"}
     assert frame["layer"].tolist()[:3] == ["conv0", "act0", "conv1"]
-    assert len(frame) == 2 * 15 and frame["value"].between(0, 10).all()
+    assert len(frame) == 3 * 15 and frame["value"].between(0, 10).all()
+    assert (frame["low"] <= frame["value"]).all() and (frame["value"] <= frame["high"]).all()  # jackknife intervals
     summary = json.loads((tmp_path / "results" / "summaries" / "quick-00_quickstart.json").read_text())
-    assert summary["key"] == "NV drop, last 4 layers" and isinstance(summary["value"], float)
+    assert summary["key"] == "last-quarter NV, augmented − plain" and isinstance(summary["value"], float)
     assert len(list((tmp_path / "models").glob("SimpleConv-*.pt"))) == 2
+    _check_records("00_quickstart", tmp_path / "figures")

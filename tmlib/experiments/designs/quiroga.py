@@ -28,10 +28,10 @@ def _seeds(s: dict[str, Any], n: int | None, seed: int) -> list[int]:
 
 
 def quickstart(profile: str = "quick", n_rotations: int = 16, n_samples: int | None = None,
-               n_train: int | None = None, epochs: int | None = None, seed: int = 0, **_: Any) -> Design:
+               n_train: int | None = None, epochs: int | None = None, n_test: int | None = None, seed: int = 0, **_: Any) -> Design:
     """SimpleConv on MNIST without and with rotation augmentation, and untrained: NV per layer
     under ``n_rotations`` rotations."""
-    s = settings(profile, n_samples=n_samples, n_train=n_train, epochs=epochs, n_rotations=n_rotations)
+    s = settings(profile, n_samples=n_samples, n_train=n_train, epochs=epochs, n_test=n_test, n_rotations=n_rotations)
     plain = simpleconv(s, seed=seed)  # the same specs as notebook 01's seed: one cached model each
     d = Design("00_quickstart", s, models={"untrained": plain.untrained(), "no augmentation": plain,
                                             "rotation augmentation": simpleconv(s, augment="rotation", seed=seed)})
@@ -42,12 +42,12 @@ def quickstart(profile: str = "quick", n_rotations: int = 16, n_samples: int | N
 
 
 def validation(profile: str = "quick", transformations: list[str] | None = None, n_seeds: int | None = None,
-               n_samples: int | None = None, n_train: int | None = None, epochs: int | None = None, seed: int = 0,
+               n_samples: int | None = None, n_train: int | None = None, epochs: int | None = None, n_test: int | None = None, seed: int = 0,
                **_: Any) -> Design:
     """[Q23] §5.1: SimpleConv on MNIST trained without and with each augmentation, over seeds, and
     the untrained networks of the same seeds; each measured under each transformation. One more
     rotation-augmented model keeps snapshots of its weights during training."""
-    s = settings(profile, n_samples=n_samples, n_train=n_train, epochs=epochs)
+    s = settings(profile, n_samples=n_samples, n_train=n_train, epochs=epochs, n_test=n_test)
     transformations = list(transformations or TRANSFORMATIONS)
     d = Design("01_validation", s)
     for k in _seeds(s, n_seeds, seed):
@@ -75,13 +75,13 @@ def _available(name: str, data_root: str = "data") -> tuple[bool, str]:
 
 def stability(profile: str = "quick", n_seeds: dict[str, int] | int | None = None, transformations: list[str] | None = None,
               datasets: list[str] | None = None, n_dataset_seeds: int | None = None, n_samples: int | None = None,
-              n_train: int | None = None, epochs: int | None = None, seed: int = 0, data_root: str = "data",
+              n_train: int | None = None, epochs: int | None = None, n_test: int | None = None, seed: int = 0, data_root: str = "data",
               **_: Any) -> Design:
     """[Q23] §5.3, the authors' set-up: SimpleConvs trained *with* the transformation, many seeds on
     MNIST (quick: 10 rotation, 5 scale, 5 translation; paper: 30 each), the untrained network of
     every seed beside them, and the same transformations on a second dataset (the seeds of notebook
     03) for the between-dataset differences."""
-    s = settings(profile, n_samples=n_samples, n_train=n_train, epochs=epochs)
+    s = settings(profile, n_samples=n_samples, n_train=n_train, epochs=epochs, n_test=n_test)
     transformations = list(transformations or TRANSFORMATIONS)
     default = {"rotation": 10, "scale": 5, "translation": 5} if profile == "quick" else dict.fromkeys(TRANSFORMATIONS, 30)
     counts = {t: (n_seeds.get(t, default[t]) if isinstance(n_seeds, dict) else n_seeds or default[t])
@@ -111,12 +111,12 @@ COMPLEXITY_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 1 / 24)
 
 def sensitivity(profile: str = "quick", datasets: list[str] | None = None, transformations: list[str] | None = None,
                 n_seeds: int | None = None, complexity_fractions: list[float] | None = None,
-                n_samples: int | None = None, n_train: int | None = None, epochs: int | None = None, seed: int = 0,
+                n_samples: int | None = None, n_train: int | None = None, epochs: int | None = None, n_test: int | None = None, seed: int = 0,
                 data_root: str = "data", **_: Any) -> Design:
     """[Q23] §5.4: SimpleConv trained with each transformation on each dataset (over seeds), the
     untrained networks of the same seeds; diversity (MNIST models measured under every
     transformation) and complexity (measured on narrower ranges of their own transformation)."""
-    s = settings(profile, n_samples=n_samples, n_train=n_train, epochs=epochs)
+    s = settings(profile, n_samples=n_samples, n_train=n_train, epochs=epochs, n_test=n_test)
     transformations = list(transformations or TRANSFORMATIONS)
     wanted = list(datasets or (["mnist", "fashion-mnist", "cifar10"] if profile == "quick" else ["mnist", "cifar10"]))
     d = Design("03_dataset_transformation", s)
@@ -171,13 +171,13 @@ MODEL_WIDTHS = {
 
 def model_comparison(profile: str = "quick", dataset: str | None = None, architectures: list[str] | None = None,
                      transformation: str = "rotation", aggregate_rotations: int = 16, n_samples: int | None = None,
-                     n_train: int | None = None, epochs: int | None = None, seed: int = 0, data_root: str = "data",
+                     n_train: int | None = None, epochs: int | None = None, n_test: int | None = None, seed: int = 0, data_root: str = "data",
                      **_: Any) -> Design:
     """[Q23] §5.7: the five models trained with rotation augmentation (as the authors), each at its
     floor, and the untrained networks; plus the 2019 table: SimpleConv, AllConvolutional, VGG16D and
     ResNet trained with and without rotation augmentation, measured in aggregate mode (mean over
     each feature map) under 16 rotations on non-stratified test images."""
-    s = settings(profile, n_samples=n_samples, n_train=n_train, epochs=epochs)
+    s = settings(profile, n_samples=n_samples, n_train=n_train, epochs=epochs, n_test=n_test)
     dataset = dataset or ("mnist" if profile == "quick" else "cifar10")
     architectures = list(architectures or ["SimpleConv", "AllConvolutional", "VGG16D", "ResNet", "TIPooling"])
     d = Design("04_model_comparison", s)
@@ -225,11 +225,11 @@ ARCHITECTURE_VARIANTS = {
 
 def architecture(profile: str = "quick", variants: list[str] | None = None, n_seeds: int | None = None,
                  transformation: str = "rotation", n_samples: int | None = None, n_train: int | None = None,
-                 epochs: int | None = None, seed: int = 0, **_: Any) -> Design:
+                 epochs: int | None = None, n_test: int | None = None, seed: int = 0, **_: Any) -> Design:
     """[Q23] §5.6: SimpleConv variants (batch norm, activation, kernel size, max pool vs strided
     convolution), each trained with rotation augmentation to the same floor over seeds, and the
     untrained network of every variant and seed."""
-    s = settings(profile, n_samples=n_samples, n_train=n_train, epochs=epochs)
+    s = settings(profile, n_samples=n_samples, n_train=n_train, epochs=epochs, n_test=n_test)
     default = [v for v in ARCHITECTURE_VARIANTS if profile == "paper" or v != "kernel 7"]
     variants = list(variants or default)
     d = Design("06_architecture", s)
