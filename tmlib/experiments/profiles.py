@@ -44,14 +44,16 @@ FLOORS: dict[tuple[str, bool], float] = {
 }
 
 # How models are trained. quick: stop as soon as the validation accuracy (5,000 training images
-# held out, under the training distribution) is 1 point above the floor, with an epoch cap;
+# held out, under the training distribution) is 2 points above the floor, with an epoch cap (the
+# margin covers the validation accuracy's sampling error, SE ≈ 0.006, and the optimism of stopping
+# at the first check that crosses the target: measured, test ≈ validation − 0.009);
 # warm-up then cosine decay to the cap; one thread, so that the weights are the same whether a
 # model is trained in a notebook or in `make reproduce`'s pool of training processes.
 # paper: the authors' schedule (Adam 1e-3, a fixed number of epochs, no early stop).
 _QUICK_TRAINING = {
     "max_epochs": 6,
     "stop": "floor",
-    "floor_margin": 0.01,
+    "floor_margin": 0.02,
     "check_every": 10_000,
     "n_validation": 5000,
     "batch_size": 128,
@@ -78,7 +80,7 @@ _PAPER_TRAINING = {
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
         "n_train": None,        # the whole training split (minus the validation hold-out)
-        "n_samples": 500,       # stratified test images measured
+        "n_samples": 300,       # stratified test images measured (10 jackknife blocks of 30)
         "blocks": 10,           # jackknife blocks of the measured samples (intervals)
         "n_test": None,         # test images for accuracies (None: the whole test split)
         "seeds": 3,             # trained seeds of a configuration, unless a notebook says otherwise
