@@ -458,3 +458,36 @@ def test_bad_arguments_name_the_argument(make, argument):
 def test_goodfellow_needs_the_engine():
     with pytest.raises(ValueError, match="reference pass"):
         GoodfellowMeasure().update("layer", torch.randn(3, 4, 5))
+
+
+def test_stratified_keeps_every_class_result(small_cnn, tmp_path):
+    torch.manual_seed(9)
+    x, ts = torch.randn(12, 1, 8, 8), T.rotations(4)
+    labels = torch.tensor([1, 0] * 6)
+    ms = [NormalizedVariance(mode="channel"), AnovaMeasure(output="reject")]
+    res = evaluate_stratified(small_cnn, x, ts, ms, labels=labels, blocks=3, batch_size=4, progress=False)
+    for name, result in res.items():
+        assert list(result.per_class) == [0, 1]
+        for c in (0, 1):
+            alone = evaluate(small_cnn, x[labels == c], ts, ms, blocks=3, batch_size=4, progress=False)[name]
+            for layer in result.layer_names:
+                np.testing.assert_array_equal(result.per_class[c][layer], alone[layer])
+            np.testing.assert_array_equal(result.per_class[c].replicates.to_numpy(), alone.replicates.to_numpy())
+        frame = result.to_frame()  # the stratified frame itself is unchanged: no per-class columns
+        assert list(frame.columns) == ["layer", "index", "depth", "value", "measure", "model", "dataset",
+                                       "transformation"]
+        tidy = result.per_class_frame()
+        assert tidy["class"].tolist() == [0] * len(result) + [1] * len(result)
+        assert tidy["value"].tolist() == pytest.approx(
+            result.per_class[0].layer_means().tolist() + result.per_class[1].layer_means().tolist())
+        back = type(result).load(result.save(tmp_path / f"{name}.npz"))
+        assert list(back.per_class) == [0, 1]
+        for c in (0, 1):
+            for layer in result.layer_names:
+                np.testing.assert_array_equal(back.per_class[c][layer], result.per_class[c][layer])
+            assert back.per_class[c].metadata["n"] == 6
+        assert back.to_frame().equals(frame)
+    with pytest.raises(ValueError, match=r"blocks: .*fewer samples: \{0: 6, 1: 6\}"):
+        evaluate_stratified(small_cnn, x, ts, ms, labels=labels, blocks=7, progress=False)
+    with pytest.raises(ValueError, match="no per-class results"):
+        evaluate(small_cnn, x, ts, ms, progress=False)["NV[channel,std]"].per_class_frame()

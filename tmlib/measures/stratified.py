@@ -107,7 +107,11 @@ def evaluate_stratified(
         weighing the same (e.g. ANOVA ``output="reject"`` then gives, per unit, the fraction of
         classes in which H0 is rejected). Metadata: that of the first class with ``n`` the total,
         ``images_forwarded`` the sum, ``stratified: True``, ``classes`` and ``class_sizes``; entries
-        that differ between classes move to ``per_class`` as lists in class order.
+        that differ between classes move to ``metadata["per_class"]`` as lists in class order.
+        Each result keeps the classes' own results in ``result.per_class`` ({label: MeasureResult},
+        in class order; saved and loaded with it); ``result.per_class_frame()`` stacks their tidy
+        frames with a column ``class``. With ``blocks=K`` every class is split into K blocks of its
+        own and its result carries replicates (each class needs at least K samples).
 
     Raises:
         ValueError: ``labels`` of the wrong length, or a class with fewer than 2 samples.
@@ -121,6 +125,12 @@ def evaluate_stratified(
     if small:
         raise ValueError(f"labels: every class needs at least 2 samples, got {small}")
     kwargs = dict(evaluate_kwargs)
+    blocks = kwargs.get("blocks")
+    if isinstance(blocks, int) and not isinstance(blocks, bool):
+        too_small = {c: len(index[c]) for c in classes if len(index[c]) < blocks}
+        if too_small:
+            raise ValueError(f"blocks: every class is split into blocks={blocks} blocks, but these classes "
+                             f"have fewer samples: {too_small}")
     if kwargs.get("fill") is None:  # a torch Subset would lose the dataset's fill
         kwargs["fill"] = getattr(x, "fill", 0.0)
     dataset_name = "tensor" if isinstance(x, torch.Tensor) else getattr(x, "name", None)
@@ -154,7 +164,7 @@ def evaluate_stratified(
             class_sizes=[len(index[c]) for c in classes],
             per_class=varying,
         )
-        out[name] = MeasureResult(name, values, meta)
+        out[name] = MeasureResult(name, values, meta, per_class=dict(zip(classes, results)))
     return out
 
 
