@@ -21,7 +21,7 @@ from tmlib.measures import (
 )
 from tmlib.measures.goodfellow import GoodfellowReference
 from tmlib.measures.moments import numba_available
-from tmlib.measures.stratified import mean_over_classes
+from tmlib.stratified import mean_over_classes
 
 BACKENDS = ["torch"] + (["numba"] if numba_available() else [])
 
@@ -456,8 +456,10 @@ def test_bad_arguments_name_the_argument(make, argument):
 
 
 def test_goodfellow_needs_the_engine():
+    from tmlib.measures import PassStates
+
     with pytest.raises(ValueError, match="reference pass"):
-        GoodfellowMeasure().update("layer", torch.randn(3, 4, 5))
+        PassStates.empty([GoodfellowMeasure()], m=4)
 
 
 def test_stratified_keeps_every_class_result(small_cnn, tmp_path):
@@ -473,9 +475,23 @@ def test_stratified_keeps_every_class_result(small_cnn, tmp_path):
             for layer in result.layer_names:
                 np.testing.assert_array_equal(result.per_class[c][layer], alone[layer])
             np.testing.assert_array_equal(result.per_class[c].replicates.to_numpy(), alone.replicates.to_numpy())
-        frame = result.to_frame()  # the stratified frame itself is unchanged: no per-class columns
-        assert list(frame.columns) == ["layer", "index", "depth", "value", "measure", "model", "dataset",
-                                       "transformation"]
+        frame = result.to_frame()  # the stratified frame: no per-class rows or columns
+        assert list(frame.columns) == ["layer", "index", "depth", "value", "se", "low", "high", "measure", "model",
+                                       "dataset", "transformation"]
+        # Replicate k of the class mean: every class without its block k, then the class mean.
+        from tmlib.engine import block_bounds
+        from tmlib.results import finite_mean
+
+        for k in range(3):
+            runs = []
+            for c in (0, 1):
+                xc = x[labels == c]
+                bounds = block_bounds(len(xc), 3)
+                keep = torch.ones(len(xc), dtype=torch.bool)
+                keep[bounds[k] : bounds[k + 1]] = False
+                runs.append(evaluate(small_cnn, xc[keep], ts, ms, batch_size=4, progress=False)[name])
+            expected = [finite_mean(mean_over_classes([r[layer] for r in runs])) for layer in result.layer_names]
+            np.testing.assert_allclose(result.replicates.iloc[k].to_numpy(), expected, rtol=1e-9)
         tidy = result.per_class_frame()
         assert tidy["class"].tolist() == [0] * len(result) + [1] * len(result)
         assert tidy["value"].tolist() == pytest.approx(
@@ -487,6 +503,9 @@ def test_stratified_keeps_every_class_result(small_cnn, tmp_path):
                 np.testing.assert_array_equal(back.per_class[c][layer], result.per_class[c][layer])
             assert back.per_class[c].metadata["n"] == 6
         assert back.to_frame().equals(frame)
+    plain = evaluate_stratified(small_cnn, x, ts, ms, labels=labels, progress=False)["NV[channel,std]"]
+    assert list(plain.to_frame().columns) == ["layer", "index", "depth", "value", "measure", "model", "dataset",
+                                              "transformation"]
     with pytest.raises(ValueError, match=r"blocks: .*fewer samples: \{0: 6, 1: 6\}"):
         evaluate_stratified(small_cnn, x, ts, ms, labels=labels, blocks=7, progress=False)
     with pytest.raises(ValueError, match="no per-class results"):

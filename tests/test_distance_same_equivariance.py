@@ -453,15 +453,18 @@ def test_non_spatial_layers_and_sets_without_inverse_are_clear_errors():
         ValueError, match=r"ts: same-equivariance needs a transformation set with an exact inverse"
     ):
         evaluate(conv, x, NoInverse(), NormalizedVarianceSE(), progress=False)
-    # Standalone use: the state is created by update(), with or without a set.
+    # States fed by hand (PassStates.empty): the checks run first, with or without a set.
+    from tmlib.measures import PassStates
+
     with pytest.raises(ValueError, match="ts: same-equivariance"):
-        SampleVarianceSE().update("conv", torch.randn(3, 4, 2, 5, 5))
+        PassStates.empty([SampleVarianceSE()], m=4)
     tvse = TransformationVarianceSE()
-    tvse.update("conv", torch.randn(3, 4, 2, 5, 5), ts=T.c4())
-    assert tvse.compute()["conv"].shape == (2, 5, 5)
+    states = PassStates.empty([tvse], m=4, ts=T.c4())
+    states.update("conv", torch.randn(3, 4, 2, 5, 5))
+    assert states.compute(tvse)["TVSE[element,std]"]["conv"].shape == (2, 5, 5)
 
 
-def test_chunked_pairwise_sums_and_merged_states_are_exact(monkeypatch):
+def test_chunked_pairwise_sums_and_merged_states_are_exact():
     from tmlib.measures import distance
     from tmlib.measures.base import LayerInfo, PassContext
 
@@ -475,9 +478,8 @@ def test_chunked_pairwise_sums_and_merged_states_are_exact(monkeypatch):
     a = x[..., 0].double()
     scalars = (a[:, :, None] - a[:, None, :]).abs().sum((1, 2)) / 2
     for chunk in (1 << 22, 20, 1):  # default, a few rows/groups per chunk, one at a time
-        monkeypatch.setattr(distance, "_CHUNK_ELEMENTS", chunk)
-        np.testing.assert_allclose(distance.pairwise_distance_sum(x), full, rtol=1e-12)
-        np.testing.assert_allclose(distance.pairwise_distance_sum(x[..., :1]), scalars, rtol=1e-12)
+        np.testing.assert_allclose(distance.pairwise_distance_sum(x, chunk), full, rtol=1e-12)
+        np.testing.assert_allclose(distance.pairwise_distance_sum(x[..., :1], chunk), scalars, rtol=1e-12)
     # A state fed in two parts and merged equals one fed at once (columns pair across the parts).
     layer, context = LayerInfo("conv", (2, 3, 3)), PassContext(m=4)
     block = torch.randn(9, 4, 2, 3, 3)

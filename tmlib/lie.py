@@ -65,6 +65,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activations import LayerObserver
+from .checks import check_images, check_int
+from .measures.states import ShiftedMoments
 from .transforms import warp
 
 __all__ = [
@@ -117,27 +119,9 @@ _BASIS = torch.stack(
 # ---------------------------------------------------------------------------------- validation
 
 
-def _check_images(x: Any, name: str = "x") -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [b, C, H, W], got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must have shape [b, C, H, W] (4-D), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor, got dtype {x.dtype}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} must hold at least one image, got batch size 0")
-    return x
-
-
 def _check_model(model: Any) -> None:
     if not callable(model):
         raise TypeError(f"model must be a torch.nn.Module (or a callable), got {type(model).__name__}")
-
-
-def _check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
 
 
 def generator_matrix(generator: str | torch.Tensor | Sequence) -> torch.Tensor:
@@ -197,7 +181,7 @@ def _pad(x: torch.Tensor, fill: Any) -> torch.Tensor:
 
 def image_gradient(x: torch.Tensor, fill: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(∂x/∂u_x, ∂x/∂u_y) of images [b, C, H, W] in normalised units, by central differences."""
-    _check_images(x)
+    check_images(x, allow_empty=False)
     h, w = x.shape[-2:]
     p = _pad(x, fill)
     gx = (p[..., 1:-1, 2:] - p[..., 1:-1, :-2]) * (w / 4.0)  # /2 (central) × W/2 (pixels per unit)
@@ -207,7 +191,7 @@ def image_gradient(x: torch.Tensor, fill: Any = None) -> tuple[torch.Tensor, tor
 
 def tangents(x: torch.Tensor, generators: torch.Tensor, fill: Any = None) -> torch.Tensor:
     """Tangents of images x [b, C, H, W] along k generators [k, 3, 3]: [k, b, C, H, W]."""
-    _check_images(x)
+    check_images(x, allow_empty=False)
     gens = torch.as_tensor(generators, dtype=torch.float64)
     if gens.dim() != 3 or gens.shape[1:] != (3, 3):
         raise ValueError(f"generators must have shape [k, 3, 3], got {tuple(gens.shape)}")
@@ -340,7 +324,7 @@ def lie_derivative(
         [b, *layer_shape] in the layer's dtype (per unit of the generator's parameter).
     """
     _check_model(model)
-    _check_images(x)
+    check_images(x, allow_empty=False)
     if layer is not None and not isinstance(layer, str):
         raise TypeError(f"layer must be a layer name (str) or None, got {type(layer).__name__}")
     layers = _normalise_layers(model, layer, "layer")
@@ -388,8 +372,8 @@ def lie_equivariance_error(
         (samples), ``units``, ``kind`` (invariance/equivariance), ``normalisation``.
     """
     _check_model(model)
-    _check_images(x)
-    batch_size = _check_batch_size(batch_size)
+    check_images(x, allow_empty=False)
+    batch_size = check_int("batch_size", batch_size, 1)
     names, gens = _generator_list(generators)
     layers = _default_layers(model) if layers is None else layers
     layers = _normalise_layers(model, layers, "layers")
@@ -397,7 +381,7 @@ def lie_equivariance_error(
     per_sample: list[list[list[torch.Tensor]]] = [[[] for _ in names] for _ in layers]
     units = [0] * len(layers)
     kinds = ["invariance"] * len(layers)
-    moments: list[list[torch.Tensor]] = [[] for _ in layers]  # per layer: Σf and Σf² per unit
+    moments: list[ShiftedMoments | None] = [None] * len(layers)  # per layer: f's moments per unit
     n = x.shape[0]
     with torch.no_grad(), tqdm(total=n, desc="LEE", unit="sample", disable=not progress) as bar:
         for start, stop in _batches(n, batch_size):
@@ -405,9 +389,10 @@ def lie_equivariance_error(
             vs = tangents(xb, gens, fill)
             primal, jv = _jvp_many(fn, xb, vs)
             for i, (p, d) in enumerate(zip(primal, jv)):
-                flat = p.reshape(stop - start, -1).double()
-                sums = torch.stack([flat.sum(0), (flat**2).sum(0)])
-                moments[i] = [sums] if not moments[i] else [moments[i][0] + sums]
+                flat = p.reshape(stop - start, -1)
+                if moments[i] is None:
+                    moments[i] = ShiftedMoments((flat.shape[1],), flat.device)
+                moments[i].update(flat)
                 if equivariant:
                     corr = _equivariant_correction(p, gens, fill)
                     if corr is not None:
@@ -421,8 +406,8 @@ def lie_equivariance_error(
             bar.update(stop - start)
     rows = []
     for i, layer in enumerate(layers):
-        s1, s2 = moments[i][0]
-        variance = float(((s2 - s1**2 / n) / max(n - 1, 1)).clamp_min(0).mean())  # mean over units
+        # Mean over units of the unbiased variance over samples (shifted, exact moments; 0 for n = 1).
+        variance = float(moments[i].variance().mean()) if n > 1 else 0.0
         for g, gname in enumerate(names):
             values = torch.cat(per_sample[i][g])
             value = float(values.mean())
@@ -548,8 +533,8 @@ def liegg(
         fill: border extension of x for the image gradient.
     """
     _check_model(model)
-    _check_images(x)
-    batch_size = _check_batch_size(batch_size)
+    check_images(x, allow_empty=False)
+    batch_size = check_int("batch_size", batch_size, 1)
     if layer is not None and not isinstance(layer, str):
         raise TypeError(f"layer must be a layer name (str) or None, got {type(layer).__name__}")
     if not isinstance(translations, bool):

@@ -20,11 +20,15 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .checks import check_images
+
 __all__ = [
+    "identity_index",
     "TransformationSet",
     "ExactTransformationSet",
     "degrees_to_radians",
@@ -95,15 +99,6 @@ def _fill_tensor(fill: Fill, x: torch.Tensor) -> torch.Tensor | None:
     return values.reshape(-1, 1, 1)
 
 
-def _check_images(x: torch.Tensor, name: str = "x") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [b, C, H, W], got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must have shape [b, C, H, W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor, got dtype {x.dtype}")
-
-
 def warp(x: torch.Tensor, matrices: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
     """Warp each image of a batch by its own affine matrix.
 
@@ -115,7 +110,7 @@ def warp(x: torch.Tensor, matrices: torch.Tensor, fill: Fill = 0.0) -> torch.Ten
     Returns:
         [b, C, H, W] warped images on x's device, bilinear interpolation.
     """
-    _check_images(x)
+    check_images(x)
     matrices = torch.as_tensor(matrices)
     if matrices.dim() == 2:
         matrices = matrices.expand(x.shape[0], 3, 3)
@@ -201,6 +196,10 @@ class TransformationSet:
         idx = list(indices)
         return TransformationSet(self.matrices[idx], [self.parameters[i] for i in idx], self.name)
 
+    def identity_index(self, tol: float = 1e-12) -> int | None:
+        """Index of the first transformation equal to the identity (within ``tol``), or None."""
+        return _identity_row(self.matrices, tol)
+
     def inverse(self) -> TransformationSet:
         """The set of exact inverses, in the same order (full-matrix inverse, not per parameter)."""
         inv = torch.linalg.inv(self.matrices)
@@ -208,7 +207,7 @@ class TransformationSet:
 
     def apply(self, x: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
         """All m transformations of every image: x [b, C, H, W] → [b, m, C, H, W] on x's device."""
-        _check_images(x)
+        check_images(x)
         b, m = x.shape[0], len(self)
         xs = x.unsqueeze(1).expand(b, m, *x.shape[1:]).reshape(b * m, *x.shape[1:])
         mats = self.matrices.to(x.device).repeat(b, 1, 1)
@@ -224,7 +223,7 @@ class TransformationSet:
 
     def apply_indexed(self, x: torch.Tensor, indices: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
         """Transformation ``indices[i]`` applied to image ``x[i]`` (used for augmentation)."""
-        _check_images(x)
+        check_images(x)
         indices = torch.as_tensor(indices, device=self.matrices.device).long().cpu()
         if indices.shape != (x.shape[0],):
             raise ValueError(f"indices must have shape [{x.shape[0]}], got {tuple(indices.shape)}")
@@ -294,11 +293,11 @@ class ExactTransformationSet(TransformationSet):
         return ExactTransformationSet([self.elements[i] for i in indices], self.name, self.size)
 
     def apply(self, x: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
-        _check_images(x)
+        check_images(x)
         return torch.stack([self._apply_one(x, e) for e in self.elements], dim=1)
 
     def apply_indexed(self, x: torch.Tensor, indices: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
-        _check_images(x)
+        check_images(x)
         indices = torch.as_tensor(indices).long().cpu()
         if indices.shape != (x.shape[0],):
             raise ValueError(f"indices must have shape [{x.shape[0]}], got {tuple(indices.shape)}")
@@ -311,6 +310,20 @@ class ExactTransformationSet(TransformationSet):
 
 
 # ---------------------------------------------------------------------------- named constructors
+
+
+def _identity_row(matrices: Any, tol: float) -> int | None:
+    matrices = torch.as_tensor(matrices, dtype=torch.float64).cpu()
+    close = (matrices - torch.eye(3, dtype=torch.float64)).abs().amax(dim=(1, 2)) <= tol
+    hits = close.nonzero().flatten()
+    return int(hits[0]) if len(hits) else None
+
+
+def identity_index(ts: Any, tol: float = 1e-12) -> int | None:
+    """:meth:`TransformationSet.identity_index` for any set with ``matrices`` ([m, 3, 3]); None for
+    a set without matrices (a generic set: its identity cannot be recognised)."""
+    matrices = getattr(ts, "matrices", None)
+    return None if matrices is None else _identity_row(matrices, tol)
 
 
 def rotations(n: int = 25, degrees: float = 360.0) -> TransformationSet:

@@ -46,21 +46,29 @@ the current engine) fixes K from it, which is always exact.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from scipy import stats
 
-from ..results import MeasureResult
-from .base import LayerInfo, Measure, PassContext
-from .moments import numba_available
+from .base import LayerInfo, LayerValue, Measure, PassContext, StatSpec
+from .moments import numba_available, use_numba
+from .states import ShiftedMoments, SumState
 
 if numba_available():  # moments.py already chose numba's threading layer
     import numba
 
-__all__ = ["GoodfellowCounts", "GoodfellowMeasure", "GoodfellowReference", "firing_count"]
+__all__ = [
+    "GoodfellowCounts",
+    "GoodfellowCountsSpec",
+    "GoodfellowMeasure",
+    "GoodfellowReference",
+    "GoodfellowReferenceSpec",
+    "firing_count",
+]
 
 _THRESHOLDS = ("normal", "percentile")
 _LOCALS = ("all", "firing")
@@ -99,14 +107,6 @@ if numba_available():
         return bad
 
 
-def _use_numba(backend: str, device: torch.device) -> bool:
-    if backend not in ("auto", "numba", "torch"):
-        raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
-    if backend == "numba" and (device.type != "cpu" or not numba_available()):
-        raise ValueError("backend='numba' needs numba installed and device='cpu'")
-    return backend != "torch" and device.type == "cpu" and numba_available()
-
-
 def _below(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The largest value of ``dtype`` ≤ t (float64): for v of that dtype, v > t ⇔ v > result.
     Saves comparing a whole float32 block in float64."""
@@ -114,7 +114,7 @@ def _below(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(low.double() > t, torch.nextafter(low, torch.full_like(low, -math.inf)), low)
 
 
-class GoodfellowReference:
+class GoodfellowReference(SumState):
     """Reference-pass state of one layer: per-unit moments (normal threshold) and a running top-K.
 
     ``update(block [b, *shape])`` with the untransformed samples' activations, in sample order.
@@ -125,6 +125,9 @@ class GoodfellowReference:
 
     After :meth:`finalize`: ``threshold`` [F] float64, ``fires`` [F] int64 (|Z|), ``n``, and the
     pairs of Z, ``fire_sample`` / ``fire_unit`` (int64, sorted by sample).
+
+    Not mergeable: the top-K of each part is sized for that part, not for the union (merging would
+    lose values above the union's threshold), so the reference pass always covers all n samples.
     """
 
     def __init__(
@@ -142,10 +145,8 @@ class GoodfellowReference:
         self.device = torch.device(device)
         self.n_expected = n
         self.n = 0
-        self.shift: torch.Tensor | None = None  # first sample: exact zero variance for constants
         self._finite = True
-        self.s1 = torch.zeros(num_features, dtype=torch.float64, device=self.device)
-        self.s2 = torch.zeros(num_features, dtype=torch.float64, device=self.device)
+        self.moments = ShiftedMoments((num_features,), self.device)  # μ and σ of the normal threshold
         self.top_values: torch.Tensor | None = None  # [F, K], activation dtype, unordered
         self.top_index = torch.zeros(num_features, 0, dtype=torch.int32, device=self.device)
         self.pending: list[torch.Tensor] = []  # blocks [b, F] not merged yet
@@ -182,11 +183,7 @@ class GoodfellowReference:
         if not x.is_floating_point():
             x = x.float()
         if self.threshold_type == "normal":  # μ and σ; the percentile needs only the top-K
-            if self.shift is None:
-                self.shift = x[0].double().clone()
-            d = x.double() - self.shift
-            self.s1 += d.sum(0)
-            self.s2 += (d * d).sum(0)
+            self.moments.update(x)
         self._finite = self._finite and bool(torch.isfinite(x.sum()))
         # A copy, never a view: the block is the layer's output, which a later in-place
         # activation (ReLU(inplace=True)) overwrites.
@@ -218,6 +215,12 @@ class GoodfellowReference:
         """False once a NaN or ±inf activation was seen (they propagate into the block sums)."""
         return self._finite
 
+    def merge(self, other: GoodfellowReference) -> GoodfellowReference:
+        raise ValueError(
+            "GoodfellowMeasure: reference-pass states do not merge (each part's top-K is sized for that "
+            "part, so the union's threshold could be lost); run the reference pass over all samples"
+        )
+
     def finalize(self) -> GoodfellowReference:
         """Thresholds, G and Z from the accumulated samples (idempotent)."""
         if self._final:
@@ -232,9 +235,7 @@ class GoodfellowReference:
             q = firing_count(self.rate, n)
             self.threshold = torch.topk(self.top_values, q + 1, dim=1).values[:, q].double()
         else:
-            mean = self.shift + self.s1 / n
-            var = ((self.s2 - self.s1.square() / n) / (n - 1)).clamp(min=0.0)
-            self.threshold = mean + self.z * var.sqrt()
+            self.threshold = self.moments.mean() + self.z * self.moments.variance().sqrt()
         # Every value above t must still be in the top-K, or G and Z would be wrong.
         lost = int((self.dropped_max > self.threshold).sum())
         if lost:
@@ -261,12 +262,16 @@ class GoodfellowReference:
         return self.fires.double() / self.n
 
 
-class GoodfellowCounts:
+class GoodfellowCounts(SumState):
     """Main-pass state of one layer: per-unit firing counts over the ST matrix.
 
     ``update(block [b, m, *shape])``, samples in the same order as in the reference pass.
     ``count_all`` [F]: #{(i, j) : A_ij > t}; ``count_firing`` [F]: the same restricted to i ∈ Z.
+    Counts merge by addition, but only between states of the *same* reference pass (the same
+    thresholds and Z): parts of one pass, not two passes over different samples.
     """
+
+    reductions: ClassVar[dict[str, str]] = {"count_all": "sum", "count_firing": "sum", "seen": "sum"}
 
     def __init__(self, reference: GoodfellowReference, m: int, backend: str = "auto"):
         self.reference = reference.finalize()
@@ -274,12 +279,25 @@ class GoodfellowCounts:
         self.num_features = reference.num_features
         self.threshold = reference.threshold
         device = self.threshold.device
-        self.numba = _use_numba(backend, device)
+        self.numba = use_numba(backend, device)
         self.count_all = torch.zeros(self.num_features, dtype=torch.int64, device=device)
         self.count_firing = torch.zeros(self.num_features, dtype=torch.int64, device=device)
-        self.cursor = 0  # samples seen: the block's rows are samples cursor … cursor + b − 1
+        self.cursor = 0  # index of the block's first sample: its rows are cursor … cursor + b − 1
+        self.seen = 0  # samples counted
         self._finite = True
         self._below: dict[torch.dtype, torch.Tensor] = {}
+
+    def seek(self, start: int) -> None:
+        """The next block starts at sample ``start`` (a state of one sample block)."""
+        self.cursor = start
+
+    def merge(self, other: GoodfellowCounts) -> GoodfellowCounts:
+        if other.reference is not self.reference:
+            raise ValueError(
+                "GoodfellowMeasure: counts of different reference passes do not merge (their thresholds "
+                "were set on different samples); measure all the samples in one pass"
+            )
+        return super().merge(other)
 
     def update(self, block: torch.Tensor) -> None:
         b = block.shape[0]
@@ -318,15 +336,16 @@ class GoodfellowCounts:
         hits = (x[sample, :, unit] > t[unit].unsqueeze(1)).sum(1)  # [pairs]: over the m transforms
         self.count_firing.index_add_(0, unit, hits)
         self.cursor += b
+        self.seen += b
 
     def is_finite(self) -> bool:
         return self._finite
 
     def local_rate(self, local: str) -> torch.Tensor:
         """L per unit, float64 [F] (NaN for ``local="firing"`` where Z is empty)."""
-        if self.cursor != self.reference.n:
+        if self.seen != self.reference.n:
             raise ValueError(
-                f"the main pass saw {self.cursor} samples but the reference pass {self.reference.n}"
+                f"the main pass saw {self.seen} samples but the reference pass {self.reference.n}"
             )
         if local == "all":
             return self.count_all.double() / (self.reference.n * self.m)
@@ -346,14 +365,15 @@ class GoodfellowMeasure(Measure):
 
     Values are shaped like the activation ([C, H, W] or [F]); NaN where G = 0. The metadata holds
     the options (threshold type, rate, local variant) and ``global_firing_rate`` ({layer: mean G})
-    and ``silent_units`` ({layer: #units with G = 0}). Needs a reference pass: use
-    :func:`tmlib.measures.evaluate` (n + n·m forwards in all).
+    and ``silent_units`` ({layer: #units with G = 0}), also per layer in ``result.layer_metadata``.
+    Needs a reference pass: :func:`tmlib.measures.evaluate` runs it (n + n·m forwards in all).
     """
 
     short_name = "Goodfellow"
     # Jackknife replicates (evaluate(blocks=K)) would need thresholds set on all samples but block k,
     # i.e. a threshold per replicate and a main pass counting against each: not implemented.
     supports_blocks = False
+    legacy_metadata = ("global_firing_rate", "silent_units")
 
     def __init__(
         self,
@@ -362,7 +382,6 @@ class GoodfellowMeasure(Measure):
         local: str = "all",
         output: str = "score",
     ) -> None:
-        super().__init__()
         if (
             isinstance(firing_rate, bool)
             or not isinstance(firing_rate, (int, float))
@@ -388,32 +407,11 @@ class GoodfellowMeasure(Measure):
             "output": self.output,
         }
 
-    def reference_key(self) -> Hashable:
-        return ("goodfellow-reference", self.threshold, self.firing_rate)
-
-    def new_reference_state(self, layer: LayerInfo, context: PassContext) -> GoodfellowReference:
-        return GoodfellowReference(
-            int(np.prod(layer.shape)),
-            self.threshold,
-            self.firing_rate,
-            context.device,
-            getattr(context, "n", None),
-        )
-
-    def statistic_key(self) -> Hashable:
+    def spec(self) -> StatSpec:
         # Both local variants and all outputs come from one state (it counts both).
-        return ("goodfellow", self.threshold, self.firing_rate)
+        return GoodfellowCountsSpec(self.threshold, self.firing_rate)
 
-    def new_state(self, layer: LayerInfo, context: PassContext) -> GoodfellowCounts:
-        reference = context.references.get((self.reference_key(), layer.name))
-        if reference is None:
-            raise ValueError(
-                f"{self.name}: no reference-pass state for layer {layer.name!r}; "
-                "use tmlib.measures.evaluate"
-            )
-        return GoodfellowCounts(reference, context.m, context.backend)
-
-    def compute_layer(self, state: GoodfellowCounts, layer: LayerInfo) -> np.ndarray:
+    def compute_layer(self, state: GoodfellowCounts, layer: LayerInfo, fixed: Mapping[str, Any] | None = None) -> LayerValue:
         ref = state.reference
         g = ref.global_rate
         if self.output == "threshold":
@@ -424,15 +422,34 @@ class GoodfellowMeasure(Measure):
             values = state.local_rate(self.local)
             if self.output == "score":
                 values = torch.where(g > 0, values / g, math.nan)
-        return values.cpu().numpy().reshape(layer.shape)
+        meta = {"global_firing_rate": float(g.mean()), "silent_units": int((g == 0).sum())}
+        return LayerValue(values.cpu().numpy().reshape(layer.shape), meta)
 
-    def compute(self, metadata: dict[str, Any] | None = None) -> MeasureResult:
-        result = super().compute(metadata)
-        rates, silent = {}, {}
-        for name, state in self._states.items():
-            g = state.reference.global_rate
-            rates[name] = float(g.mean())
-            silent[name] = int((g == 0).sum())
-        result.metadata["global_firing_rate"] = rates
-        result.metadata["silent_units"] = silent
-        return result
+
+@dataclass(frozen=True)
+class GoodfellowReferenceSpec(StatSpec):
+    """Thresholds of every unit on the n untransformed samples (the reference pass)."""
+
+    threshold: str
+    firing_rate: float
+
+    def build(self, layer: LayerInfo, context: PassContext, reference: Any = None) -> GoodfellowReference:
+        return GoodfellowReference(layer.size, self.threshold, self.firing_rate, context.device, context.n)
+
+
+@dataclass(frozen=True)
+class GoodfellowCountsSpec(StatSpec):
+    """Firing counts of every unit over the ST matrix, against the reference pass's thresholds."""
+
+    threshold: str
+    firing_rate: float
+
+    def reference_spec(self) -> StatSpec:
+        return GoodfellowReferenceSpec(self.threshold, self.firing_rate)
+
+    def build(self, layer: LayerInfo, context: PassContext, reference: Any = None) -> GoodfellowCounts:
+        if reference is None:
+            raise ValueError(
+                f"Goodfellow: no reference-pass state for layer {layer.name!r}; use tmlib.measures.evaluate"
+            )
+        return GoodfellowCounts(reference, context.m, context.backend)
