@@ -2,12 +2,13 @@
 
 import re
 
+import harness
 import numpy as np
 import pytest
 import torch
 from conftest import CountingModel
 
-from tmlib import activations, transforms, widgets
+from tmlib import transforms, widgets
 from tmlib.measures import GEEDInvariance, NormalizedVariance, NormalizedVarianceSE, evaluate
 
 N, M, ST, IMAGE = 10, 4, 6, 7  # image 7 lies in the third block of 3 samples
@@ -45,11 +46,10 @@ def test_compute_shapes_and_single_pass(explored):
 
 def test_recorded_activations_match_a_brute_force_recompute(explored):
     model, x, ts, data = explored
-    fill = 0.0
-    warped = ts.apply(x, fill=fill)  # [n, m, C, H, W]
-    outputs = activations.record(model, warped.reshape(N * M, 1, 8, 8))
+    warped = ts.apply(x, fill=0.0)  # [n, m, C, H, W]
+    outputs = harness.st_tensor(model, x, ts)  # the stored ST tensor, float64
     for layer in data.layers:
-        out = outputs[layer].reshape(N, M, *outputs[layer].shape[1:])
+        out = torch.from_numpy(outputs[layer])
         means = out.mean(dim=(-2, -1)) if out.dim() == 5 else out
         np.testing.assert_allclose(data.st_means[layer], means[:ST].numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(data.maps[layer], out[IMAGE].numpy(), rtol=1e-5, atol=1e-6)

@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_save
 from ..results import MeasureResult, finite_mean
 from .base import LayerInfo, Measure, PassContext, StatSpec
 
@@ -269,12 +269,8 @@ class PassStates:
         payload = {"format": 1, "layers": self.layers, "states": self.states, "block_sizes": self.block_sizes,
                    "metadata": self.metadata, "blocked": self.blocked}
 
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as fh:
-                torch.save(payload, fh)
-
         try:
-            return atomic_write(path, write)
+            return atomic_save(path, payload)
         except (AttributeError, TypeError) as error:  # pickle's "Can't pickle local object …"
             raise ValueError(f"save: these states cannot be pickled ({error}); a measure option holds a "
                              "local function or lambda: use a module-level function") from error
