@@ -208,24 +208,26 @@ def _cos(a, b):
     return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
 
 
-def brute_geed_invariance(measure, st, ref, ts) -> np.ndarray:
-    """1 − mean cos (or mean ‖·‖) to the orbit centroid; normalised: S / M over all pairs of
-    distinct untransformed samples (the identity column)."""
-    n, m = st.shape[:2]
-    z = st.reshape(n, m, -1)
+def geed_orbit_terms(z, identity):
+    """From f(g·x) [n, m, D]: raw cosine G-EED (1 − S), Euclidean G-EED, S (mean cos to the orbit
+    centroid) and M (mean cos over all pairs of distinct untransformed samples, column ``identity``)."""
+    n, m = z.shape[:2]
     cos, dist = [], []
     for i in range(n):
         c = z[i].mean(axis=0)
         for g in range(m):
             cos.append(_cos(z[i, g], c))
             dist.append(np.linalg.norm(z[i, g] - c))
+    pairs = [_cos(z[i, identity], z[k, identity]) for i in range(n) for k in range(n) if i != k]
+    return 1 - np.mean(cos), np.mean(dist), np.mean(cos), np.mean(pairs)
+
+
+def brute_geed_invariance(measure, st, ref, ts) -> np.ndarray:
+    """1 − mean cos (or mean ‖·‖) to the orbit centroid; normalised: S / M."""
+    raw_cos, raw_euc, s, m = geed_orbit_terms(st.reshape(*st.shape[:2], -1), ts.identity_index())
     if measure.metric == "euclidean":
-        return np.array(np.mean(dist))
-    if not measure.normalize:
-        return np.array(1 - np.mean(cos))
-    j = ts.identity_index()
-    pairs = [_cos(z[i, j], z[k, j]) for i in range(n) for k in range(n) if i != k]
-    return np.array(np.mean(cos) / np.mean(pairs))
+        return np.array(raw_euc)
+    return np.array(s / m) if measure.normalize else np.array(raw_cos)
 
 
 def brute_geed_kl(measure, st, ref, ts) -> np.ndarray | None:

@@ -33,20 +33,12 @@ def _orbit_activations(model, x, ts):
 
 
 def _cos(a, b):
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return harness._cos(a, b)
 
 
 def _brute_invariance(z):
     """raw cosine G-EED, Euclidean G-EED, S, M (identity = column 0) from [n, m, D]."""
-    n, m, _ = z.shape
-    cos, dist = [], []
-    for i in range(n):
-        c = z[i].mean(axis=0)
-        for g in range(m):
-            cos.append(_cos(z[i, g], c))
-            dist.append(np.linalg.norm(z[i, g] - c))
-    pairs = [_cos(z[i, 0], z[j, 0]) for i in range(n) for j in range(n) if i != j]
-    return 1 - np.mean(cos), np.mean(dist), np.mean(cos), np.mean(pairs)
+    return harness.geed_orbit_terms(z, 0)
 
 
 @pytest.fixture

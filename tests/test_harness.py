@@ -132,6 +132,11 @@ def test_jackknife_replicates_equal_recomputing_without_each_block(cls):
                 _evaluate(family, ts, blocks=k)
             continue
         blocked = _run(family.name, i, blocks=k, batch_size=3)
+        plain = _run(family.name, i, batch_size=3)
+        for measure in family.instances[cls]:  # the values themselves do not move (merge of all blocks)
+            assert blocked[measure.name].metadata["block_sizes"] == [3, 3, 4]
+            for layer in plain[measure.name].layer_names:
+                _close(blocked[measure.name][layer], plain[measure.name][layer], 1e-12, 0, f"{measure.name} {layer}")
         for b in range(k):
             alone = _run(family.name, i, drop_block=b, blocks=k, batch_size=3)
             for measure in family.instances[cls]:

@@ -67,6 +67,7 @@ class _Pass:
         self.infos: dict[str, LayerInfo] = {}
         self.b, self.start, self.first = 0, 0, True
         self.skipped: dict[str, str] = {}
+        self.touched: list[tuple[tuple[StatSpec, str], Any]] = []  # states updated by this batch
 
     def consume(self, name: str, out: torch.Tensor) -> None:
         b, m = self.b, self.m
@@ -93,11 +94,13 @@ class _Pass:
                         state.seek(bounds[k])
             if len(per_block) == 1:
                 per_block[0].update(block)
+                self.touched.append(((spec, name), per_block[0]))
                 continue
             for k, state in enumerate(per_block):  # the rows of this batch that fall in block k
                 lo, hi = max(bounds[k], start), min(bounds[k + 1], start + b)
                 if lo < hi:
                     state.update(block[lo - start : hi - start])
+                    self.touched.append(((spec, name), state))
 
     def run(self, batches, expand, device, progress: Progress, desc: str, n: int,
             after_first: Callable[[dict[str, LayerInfo]], None] | None = None) -> int:
@@ -134,8 +137,9 @@ class _Pass:
         return images
 
     def _check_finite(self) -> None:
-        for (_, name), per_block in self.states.items():
-            if any(hasattr(s, "is_finite") and not s.is_finite() for s in per_block):
+        touched, self.touched = self.touched, []
+        for (_, name), state in touched:  # only the states this batch reached
+            if hasattr(state, "is_finite") and not state.is_finite():
                 raise NonFiniteActivationError(
                     f"layer {name!r} produced NaN or inf activations; the measures would "
                     "be meaningless (check the model and its inputs)"

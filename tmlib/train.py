@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
 import os
 import re
 import time
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 from tmlib.transforms import TransformationSet
 
 from .adapters import dataset_tensors, default_fill
-from .checks import check_int
+from .checks import check_int, check_real
 from .devices import resolve_device
 from .files import atomic_save
 
@@ -59,13 +58,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def _check_real(name: str, value: Any, *, positive: bool) -> float:
-    expected = "a finite number > 0" if positive else "a finite number >= 0"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return value
+    return check_real(name, value, positive=positive)
 
 
 def _check_model(model: Any) -> None:

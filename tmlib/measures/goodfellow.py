@@ -39,8 +39,11 @@ for percentile (36 entries at n = 1000, rate 0.01) and min(n_s, ⌊n_s/(1+z²)�
 (≈ 0.16 n at rate 0.01). Keeping a prefix's top-K is exact unless the sample order is far from
 random (e.g. sorted by class, with the first class making the unit fire); the largest dropped
 value is tracked and the result certified: if a dropped value lies above t,
-:class:`GoodfellowMeasure` raises instead of answering. A pass context with ``n`` (not set by
-the current engine) fixes K from it, which is always exact.
+:class:`GoodfellowMeasure` raises instead of answering.
+
+Merging and jackknife: the thresholds are a function of all n untransformed samples, so counts
+merge only within one reference pass (:class:`GoodfellowCounts`), not across passes over other
+samples, and ``evaluate(blocks=K)`` is refused (a replicate would need its own threshold).
 """
 
 from __future__ import annotations

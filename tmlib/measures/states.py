@@ -182,8 +182,12 @@ class ShiftedMoments(SumState):
             self.shift = other.shift.to(self.device).clone()
         delta = other.shift.to(self.device) - self.shift
         o1, o2 = other.s1.to(self.device), other.s2.to(self.device)
-        self.s2 += o2 + 2 * delta * o1 + other.n * delta * delta
-        self.s1 += o1 + other.n * delta
+        # In place, one temporary (delta): these tensors are [m, F] float64, the size of the states.
+        self.s2 += o2
+        self.s2.addcmul_(delta, o1, value=2.0)
+        self.s2.addcmul_(delta, delta, value=float(other.n))
+        self.s1 += o1
+        self.s1.add_(delta, alpha=float(other.n))
         self.n += other.n
         return self
 
@@ -201,4 +205,6 @@ class ShiftedMoments(SumState):
         """Unbiased variance (n − 1 in the denominator); needs n ≥ 2."""
         if self.n < 2:
             raise ValueError(f"the variance needs at least 2 samples, got n={self.n}")
-        return ((self.s2 - self.s1.square() / self.n) / (self.n - 1)).clamp(min=0.0)
+        # (s2 − s1²/n)/(n − 1) with one temporary: −(s1²/n) + s2 is the same IEEE sum.
+        out = self.s1.square().div_(-self.n).add_(self.s2)
+        return out.div_(self.n - 1).clamp_(min=0.0)
