@@ -304,3 +304,15 @@ def test_no_file_of_tmlib_is_over_about_450_lines():
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in ROOT.rglob("*.py")}
     large = {k: v for k, v in sizes.items() if v > 460 and k not in LARGE_ALLOWED}
     assert not large, large
+
+
+def test_blocked_halves_merge_into_the_blocks_of_one_pass(small_cnn):
+    x, ts, ms = _x(12), T.rotations(4), {"nv": NormalizedVariance(mode="channel"), "tv": TransformationVariance()}
+    halves = [collect(small_cnn, part, ts, ms, blocks=2, batch_size=3, progress=False) for part in (x[:6], x[6:])]
+    merged = merge_states(*halves)
+    assert merged.blocked and merged.block_sizes == [3, 3, 3, 3]
+    got = merged.compute(ms)
+    whole = evaluate(small_cnn, x, ts, ms, blocks=4, batch_size=3, progress=False)  # the same four blocks
+    for name in ms:
+        assert got[name].metadata["block_sizes"] == [3, 3, 3, 3]
+        np.testing.assert_allclose(got[name].replicates.to_numpy(), whole[name].replicates.to_numpy(), rtol=1e-12)
