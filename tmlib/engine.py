@@ -91,7 +91,7 @@ class _Pass:
                 per_block = self.states[(spec, name)] = [self.build(spec, self.infos[name]) for _ in bounds[1:]]
                 for k, state in enumerate(per_block):
                     if hasattr(state, "seek"):  # states that read per-sample data by index
-                        state.seek(bounds[k])
+                        state.seek(bounds[k], bounds[k + 1])
             if len(per_block) == 1:
                 per_block[0].update(block)
                 self.touched.append(((spec, name), per_block[0]))

@@ -290,7 +290,7 @@ class GoodfellowCounts(SumState):
         self._finite = True
         self._below: dict[torch.dtype, torch.Tensor] = {}
 
-    def seek(self, start: int) -> None:
+    def seek(self, start: int, stop: int | None = None) -> None:
         """The next block starts at sample ``start`` (a state of one sample block)."""
         self.cursor = start
 

@@ -120,7 +120,8 @@ class ReferenceOutputs(SumState):
     same order, so the main pass's k-th sample is row k here, whatever the block sizes.
     """
 
-    reductions: ClassVar[dict[str, str]] = {"blocks": "cat", "starts": "cat", "n": "sum"}
+    # Read by sample index within one pass: no reduction (merge raises).
+    reductions: ClassVar[dict[str, str]] = {}
 
     def __init__(self, layer: LayerInfo, context: PassContext, max_memory_mb: float) -> None:
         self.layer = layer
@@ -192,10 +193,11 @@ class SameEquivarianceDistanceState(SumState):
         self.count = 0  # pairs (i, j) seen
         self.n = 0  # samples seen
         self.cursor = 0  # index of the next sample: the row of the reference outputs to read
+        self.stop: int | None = None  # the end of this state's samples (None: all of them)
 
-    def seek(self, start: int) -> None:
-        """The next block starts at sample ``start`` (a state of one sample block)."""
-        self.cursor = start
+    def seek(self, start: int, stop: int | None = None) -> None:
+        """This state is fed samples ``start`` … ``stop`` − 1 (a state of one sample block)."""
+        self.cursor, self.stop = start, stop
 
     def update(self, block: torch.Tensor) -> None:
         if not self.spatial:
@@ -218,7 +220,7 @@ class SameEquivarianceDistanceState(SumState):
         self.count += b * self.m
         self.n += b
         self.cursor += b
-        if self.reference is not None and self.cursor == self.reference.n:
+        if self.reference is not None and self.cursor == (self.stop if self.stop is not None else self.reference.n):
             self.reference = None  # everything read: let the stored outputs be freed with the pass
 
     def mean(self) -> np.ndarray:

@@ -18,6 +18,10 @@ The declared reduction is what a distributed reduction needs: ``"sum"`` is an al
 be merged field by field override ``merge`` and say why (Goodfellow's counts merge only within
 one reference pass, whose thresholds they share).
 
+A state that needs the index of its samples (reading a reference pass by sample, keeping the
+first samples' activations) implements ``seek(start, stop)``: the engine calls it before the first
+update with the range of samples the state will be fed (one sample block, or all n).
+
 :meth:`SumState.copy` gives a state that can be merged into without touching the original (sums
 and nested states copied, chunk lists copied, the chunks themselves shared: they are never
 written after the pass).

@@ -70,7 +70,7 @@ class ChannelMeans(SumState):
         self.filled = np.zeros(limit, dtype=bool)
         self.cursor = 0
 
-    def seek(self, start: int) -> None:
+    def seek(self, start: int, stop: int | None = None) -> None:
         self.cursor = start
 
     def update(self, block: torch.Tensor) -> None:
@@ -105,7 +105,7 @@ class FeatureMaps(SumState):
         self.maps: np.ndarray | None = None
         self.cursor = 0
 
-    def seek(self, start: int) -> None:
+    def seek(self, start: int, stop: int | None = None) -> None:
         self.cursor = start
 
     def update(self, block: torch.Tensor) -> None:
