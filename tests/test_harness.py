@@ -89,7 +89,8 @@ def test_batch_size_does_not_matter(cls):
         for measure in family.instances[cls]:
             for layer in runs[0][measure.name].layer_names:
                 for other in runs[1:]:
-                    _close(other[measure.name][layer], runs[0][measure.name][layer], family.batch_rtol, 0,
+                    _close(other[measure.name][layer], runs[0][measure.name][layer],
+                           family.tolerance("batch_rtol", measure), 0,
                            f"{measure.name} {layer}")
 
 
@@ -119,7 +120,8 @@ def test_states_of_two_halves_merge_into_one_pass(cls):
         for measure in family.instances[cls]:
             assert merged[measure.name].metadata["n"] == N
             for layer in whole[measure.name].layer_names:
-                _close(merged[measure.name][layer], whole[measure.name][layer], family.merge_rtol, 1e-13,
+                _close(merged[measure.name][layer], whole[measure.name][layer],
+                       family.tolerance("merge_rtol", measure), 1e-13,
                        f"{measure.name} {layer}")
 
 
