@@ -268,7 +268,7 @@ class Family:
     atol: float = 1e-12
     batch_rtol: float | Callable[[Any], float] = 1e-9  # a number, or measure → number
     merge_rtol: float | Callable[[Any], float] = 1e-9
-    mergeable: bool = True  # states of two passes over different samples merge
+    mergeable: bool = True  # states of two passes merge even when each ran its own reference pass
     options: dict[str, Any] = field(default_factory=dict)
 
     def measures(self) -> list[Any]:

@@ -316,3 +316,36 @@ def test_blocked_halves_merge_into_the_blocks_of_one_pass(small_cnn):
     for name in ms:
         assert got[name].metadata["block_sizes"] == [3, 3, 3, 3]
         np.testing.assert_allclose(got[name].replicates.to_numpy(), whole[name].replicates.to_numpy(), rtol=1e-12)
+
+
+def test_parts_sharing_one_reference_pass_merge_into_one_pass(small_cnn):
+    from tmlib.engine import collect_references
+    from tmlib.measures import GoodfellowMeasure
+
+    torch.manual_seed(3)
+    x, ts = torch.randn(40, 1, 8, 8), T.rotations(4, degrees=90)  # no identity: DSES reads the reference pass
+    ms = {f"g-{th}-{lo}-{out}": GoodfellowMeasure(0.1, th, lo, out) for th in ("percentile", "normal")
+          for lo in ("all", "firing") for out in ("threshold", "score")}
+    ms["dses"] = DistanceSameEquivariance(reference=True)
+    parts = [(0, x[:17]), (17, x[17:])]
+    refs = [collect_references(small_cnn, part, ts, ms, n_total=40, start=start, batch_size=3, progress=False)
+            for start, part in parts]
+    shared = merge_states(refs[1], refs[0])  # any order: sample indices are global
+    states = [collect(small_cnn, part, ts, ms, references=shared, start=start, batch_size=3, progress=False)
+              for start, part in parts]
+    merged = merge_states(*states).compute(ms)
+    whole = evaluate(small_cnn, x, ts, ms, batch_size=3, progress=False)
+    for name in ms:
+        for layer in whole[name].layer_names:
+            np.testing.assert_allclose(merged[name][layer], whole[name][layer], rtol=1e-12, atol=1e-15,
+                                       equal_nan=True, err_msg=f"{name} {layer}")
+    # Without the shared reference pass the parts' thresholds differ: the merge says why.
+    apart = [collect(small_cnn, part, ts, ms, start=start, progress=False) for start, part in parts]
+    with pytest.raises(ValueError, match="counts of different reference passes do not merge"):
+        merge_states(*apart).compute(ms)
+    # Parts' reference states that were not sized for the whole dataset refuse to merge.
+    with pytest.raises(ValueError, match="collect_references"):
+        merge_states(*[collect_references(small_cnn, part, ts, ms, n_total=len(part), progress=False)
+                       for _, part in parts]).state(GoodfellowMeasure(0.1).spec().reference_spec(), "6")
+    with pytest.raises(ValueError, match="expected n=40 samples, got 17"):  # a part alone is not the dataset
+        collect(small_cnn, x[:17], ts, ms, references=refs[0], progress=False)

@@ -29,7 +29,7 @@ from .measures.collection import PassStates, named_measures
 from .measures.moments import check_backend, numba_available
 from .results import MeasureResult
 
-__all__ = ["NonFiniteActivationError", "block_bounds", "collect", "default_batch_size", "evaluate"]
+__all__ = ["NonFiniteActivationError", "block_bounds", "collect", "collect_references", "default_batch_size", "evaluate"]
 
 Progress = bool | Callable[[int, int], None]
 
@@ -60,9 +60,9 @@ def _set_numba_threads() -> None:
 class _Pass:
     """One pass: forwards of the expanded batches, every observed output fed to its states."""
 
-    def __init__(self, model, layers, m: int, specs: Sequence[StatSpec], build, bounds: list[int]):
+    def __init__(self, model, layers, m: int, specs: Sequence[StatSpec], build, bounds: list[int], offset: int = 0):
         self.model, self.layers, self.m, self.specs, self.build = model, layers, m, list(specs), build
-        self.bounds = bounds
+        self.bounds, self.offset = bounds, offset  # offset: global index of sample 0 of this pass
         self.states: dict[tuple[StatSpec, str], list[Any]] = {}
         self.infos: dict[str, LayerInfo] = {}
         self.b, self.start, self.first = 0, 0, True
@@ -90,8 +90,8 @@ class _Pass:
             if per_block is None:
                 per_block = self.states[(spec, name)] = [self.build(spec, self.infos[name]) for _ in bounds[1:]]
                 for k, state in enumerate(per_block):
-                    if hasattr(state, "seek"):  # states that read per-sample data by index
-                        state.seek(bounds[k], bounds[k + 1])
+                    if hasattr(state, "seek"):  # states that read per-sample data by (global) index
+                        state.seek(self.offset + bounds[k], self.offset + bounds[k + 1])
             if len(per_block) == 1:
                 per_block[0].update(block)
                 self.touched.append(((spec, name), per_block[0]))
@@ -160,12 +160,24 @@ def collect(
     metadata: dict[str, Any] | None = None,
     blocks: int | None = None,
     statistics: Sequence[StatSpec] = (),
+    references: PassStates | None = None,
+    start: int = 0,
 ) -> PassStates:
-    """Run the single pass and return its states (see :func:`evaluate` for the arguments).
+    """Run the single pass and return its states (see :func:`evaluate` for the other arguments).
 
-    ``statistics``: extra specs to accumulate besides those of ``measures`` (e.g. the layer
-    explorer's pictures, :mod:`tmlib.widgets.data`). The result merges with the states of other
-    passes (:func:`~tmlib.measures.merge_states`) and computes results with ``.compute(measures)``.
+    Args:
+        statistics: extra specs to accumulate besides those of ``measures`` (e.g. the layer
+            explorer's pictures, :mod:`tmlib.widgets.data`).
+        references: when ``x`` is a part of a dataset measured in parts, the merged states of the
+            reference pass over the *whole* dataset (:func:`collect_references` on every part,
+            then :func:`~tmlib.measures.merge_states`): Goodfellow's thresholds and DSES's F(x)
+            then come from all the samples and no reference pass runs here. Only measures with a
+            reference pass need it; without it, they run their own over ``x``.
+        start: index of x's first sample in the whole dataset (parts measured apart: 0 for the
+            first, then the sizes of the parts before); states that read per-sample data use it.
+
+    The result merges with the states of other passes (:func:`~tmlib.measures.merge_states`) and
+    computes results with ``.compute(measures)``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -203,11 +215,17 @@ def collect(
     if backend == "auto" and device.type == "cpu":
         _set_numba_threads()
 
+    start = check_int("start", start, 0)
     context = PassContext(m=m, n=n, device=device, backend=backend, ts=ts, fill=fill)
     for measure in listed:  # before any forward: the same error whatever the order of the measures
         measure.check(context)
     specs = list(dict.fromkeys([mm.spec() for mm in listed] + statistics))
-    references = list(dict.fromkeys(r for s in specs if (r := s.reference_spec()) is not None))
+    reference_specs = list(dict.fromkeys(r for s in specs if (r := s.reference_spec()) is not None))
+    if references is not None:
+        missing = [r for r in reference_specs if r not in references.specs]
+        if missing:
+            raise ValueError(f"references: these states hold no {missing}; collect them with collect_references "
+                             "for the same measures")
 
     def check_layers(infos: dict[str, LayerInfo]) -> None:
         for measure in listed:
@@ -220,19 +238,24 @@ def collect(
         model.eval()
         try:
             ref_states: dict = {}
-            if references:
+            if references is not None:
+                ref_states = {key: references.state(*key) for key in references.states if key[0] in reference_specs}
+            elif reference_specs:
                 # Untransformed samples only: n extra forwards, before the n·m of the main pass;
                 # one image per sample, so blocks of batch_size·m samples keep forwards as large.
-                ref = _Pass(model, layers, 1, references, lambda spec, info: spec.build(info, context), [0, n])
+                ref = _Pass(model, layers, 1, reference_specs, lambda spec, info: spec.build(info, context), [0, n],
+                            start)
                 images += ref.run(image_blocks(x, batch_size * m)[0], lambda xb: xb, device, progress,
                                   "reference pass (untransformed)", n)
                 ref_states = {key: parts[0] for key, parts in ref.states.items()}
 
             def build(spec: StatSpec, info: LayerInfo) -> Any:
                 reference = spec.reference_spec()
+                if reference is not None and references is not None and (reference, info.name) not in ref_states:
+                    raise ValueError(f"references: no reference state for layer {info.name!r}")
                 return spec.build(info, context, ref_states.get((reference, info.name)) if reference else None)
 
-            main = _Pass(model, layers, m, specs, build, bounds)
+            main = _Pass(model, layers, m, specs, build, bounds, start)
             images += main.run(batches, lambda xb: ts.apply(xb, fill=fill), device, progress,
                                f"measuring ({m} transformations)", n, after_first=check_layers)
             ref_states.clear()  # what the main states need, they hold
@@ -253,10 +276,59 @@ def collect(
     }
     if main.skipped:
         base_meta["skipped_modules"] = main.skipped
+    if start or references is not None:
+        base_meta.update(start=start, shared_reference_pass=references is not None)
     if blocks:
         base_meta.update(blocks=blocks, block_sizes=[b - a for a, b in zip(bounds[:-1], bounds[1:])])
     return PassStates(main.infos, main.states, [b - a for a, b in zip(bounds[:-1], bounds[1:])], base_meta,
                       blocked=bool(blocks))
+
+
+def collect_references(
+    model: nn.Module,
+    x: torch.Tensor | Dataset,
+    ts,
+    measures: Measure | Sequence[Measure] | Mapping[str, Measure],
+    n_total: int,
+    start: int = 0,
+    layers: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    progress: Progress = True,
+    backend: str = "auto",
+) -> PassStates:
+    """The reference pass alone (untransformed samples: len(x) forwards) of one part of a dataset
+    of ``n_total`` samples whose part starts at sample ``start``, for the measures that need one
+    (Goodfellow's thresholds, DSES with ``reference=True``).
+
+    Merge the parts' results (:func:`~tmlib.measures.merge_states`, in any order) and give them to
+    every part's :func:`collect` as ``references``: the parts then share the thresholds of all
+    ``n_total`` samples, and their states merge into those of one pass. Goodfellow's running top-K
+    is sized for ``n_total`` so that the merge is exact (and certified)."""
+    named = named_measures(measures)
+    specs = list(dict.fromkeys(r for mm in named.values() if (r := mm.spec().reference_spec()) is not None))
+    if not specs:
+        raise ValueError("measures: none of these measures needs a reference pass")
+    device = resolve_device(device, model, x)
+    batches, n = image_blocks(x, (batch_size or default_batch_size(len(ts))) * len(ts))
+    n_total = check_int("n_total", n_total, n)
+    start = check_int("start", start, 0, n_total - n)
+    context = PassContext(m=len(ts), n=n_total, device=device, backend=backend, ts=ts)
+    for measure in named.values():
+        measure.check(context)
+    modes = {module: module.training for module in model.modules()}
+    with placed(model, device):
+        model.eval()
+        try:
+            ref = _Pass(model, layers if layers is not None else getattr(model, "layer_names", lambda: None)(), 1,
+                        specs, lambda spec, info: spec.build(info, context), [0, n], start)
+            images = ref.run(batches, lambda xb: xb, device, progress, "reference pass (untransformed)", n)
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+    meta = {"n": n, "m": len(ts), "start": start, "n_total": n_total, "images_forwarded": images,
+            "transformation": getattr(ts, "name", type(ts).__name__), "reference_pass": True}
+    return PassStates(ref.infos, ref.states, [n], meta)
 
 
 def evaluate(

@@ -7,7 +7,7 @@ primitives :class:`ShiftedMoments` and :class:`SumState`). This package is a fac
 modules below it never import the engine.
 """
 
-from ..engine import NonFiniteActivationError, collect, evaluate
+from ..engine import NonFiniteActivationError, collect, collect_references, evaluate
 from ..stratified import evaluate_stratified
 from .anova import AnovaMeasure
 from .base import LayerInfo, LayerValue, Measure, PassContext, StatSpec
@@ -28,6 +28,7 @@ from .variance import NormalizedVariance, SampleVariance, TransformationVariance
 __all__ = [
     "evaluate",
     "collect",
+    "collect_references",
     "merge_states",
     "PassStates",
     "NonFiniteActivationError",

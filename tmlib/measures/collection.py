@@ -10,6 +10,10 @@ the results of that one pass (to float64 rounding: rel 1e-12 for the variance fa
     second = collect(model, x[500:], ts, measures)          # elsewhere, later: save() / load()
     results = merge_states(first, second).compute(measures)  # == evaluate(model, x, ts, measures)
 
+Measures with a reference pass (Goodfellow, DSES with ``reference=True``) share one over all the
+parts: :func:`tmlib.engine.collect_references` on every part, merged, then ``collect(…,
+references=…, start=…)`` for each part.
+
 The states are kept per statistic spec and layer as K *sample blocks* (K = 1 unless the pass was
 collected with ``blocks=K``; merging concatenates the parts' blocks). ``compute`` merges the blocks;
 with ``jackknife`` it also computes, for every block k, the results of all blocks but k (a

@@ -116,20 +116,24 @@ class ReferenceOutputs(SumState):
     Kept as float32 [b, *shape] blocks, in order: n·C·H·W·4 bytes per spatial layer (e.g. 1 GB for
     10,000 samples of a 32×28×28 layer), capped by ``max_memory_mb``. Nothing is kept for
     non-spatial layers, nor when ``ts`` contains the identity (that column of the main pass is
-    F(x_i) already). Read with :meth:`read` by sample index: both passes see the samples in the
-    same order, so the main pass's k-th sample is row k here, whatever the block sizes.
+    F(x_i) already). Read with :meth:`read` by (global) sample index: both passes see the samples
+    in the same order, so the main pass's k-th sample is row k here, whatever the block sizes.
+    Parts of a dataset merge (their blocks are concatenated, keeping their sample indices).
     """
 
-    # Read by sample index within one pass: no reduction (merge raises).
-    reductions: ClassVar[dict[str, str]] = {}
+    reductions: ClassVar[dict[str, str]] = {"blocks": "cat", "starts": "cat", "n": "sum"}
 
     def __init__(self, layer: LayerInfo, context: PassContext, max_memory_mb: float) -> None:
         self.layer = layer
         self.active = layer.spatial and identity_index(context.ts) is None
         self.max_bytes = float(max_memory_mb) * 2**20
         self.blocks: list[torch.Tensor] = []
-        self.starts: list[int] = []  # first sample index of each block
+        self.starts: list[int] = []  # global index of the first sample of each block
         self.n = 0
+        self.start = 0  # global index of this state's first sample
+
+    def seek(self, start: int, stop: int | None = None) -> None:
+        self.start = start
 
     def update(self, block: torch.Tensor) -> None:
         if not self.active:
@@ -142,22 +146,26 @@ class ReferenceOutputs(SumState):
                 f"samples, over max_memory_mb={self.max_bytes / 2**20:g}; include the identity in ts "
                 "(then nothing is stored), observe fewer layers (layers=[...]), or raise max_memory_mb"
             )
-        self.starts.append(self.n)
+        self.starts.append(self.start + self.n)
         self.blocks.append(block.to(torch.float32, copy=True))  # copy: in-place ops may follow
         self.n += block.shape[0]
 
     def merge(self, other: ReferenceOutputs) -> ReferenceOutputs:
-        raise ValueError("reference outputs are read by sample index within one pass; they do not merge")
+        super().merge(other)
+        order = sorted(range(len(self.starts)), key=self.starts.__getitem__)
+        self.starts, self.blocks = [self.starts[i] for i in order], [self.blocks[i] for i in order]
+        return self
 
     def read(self, start: int, count: int) -> torch.Tensor:
-        """Rows [start, start + count) as [count, *shape]."""
-        if start + count > self.n:
-            raise RuntimeError(
-                f"layer {self.layer.name!r}: the main pass reached sample {start + count} but the reference "
-                f"pass stored only {self.n}; both passes must see the same samples in the same order"
-            )
-        parts, k = [], bisect.bisect_right(self.starts, start) - 1
+        """Rows [start, start + count) (global sample indices) as [count, *shape]."""
+        k = bisect.bisect_right(self.starts, start) - 1
+        parts = []
         while count > 0:
+            if k < 0 or k >= len(self.blocks) or not 0 <= start - self.starts[k] < self.blocks[k].shape[0]:
+                raise RuntimeError(
+                    f"layer {self.layer.name!r}: the main pass reached sample {start + count} but the reference "
+                    f"pass stored only {self.n}; both passes must see the same samples in the same order"
+                )
             offset = start - self.starts[k]
             take = min(count, self.blocks[k].shape[0] - offset)
             parts.append(self.blocks[k][offset : offset + take])
@@ -220,7 +228,7 @@ class SameEquivarianceDistanceState(SumState):
         self.count += b * self.m
         self.n += b
         self.cursor += b
-        if self.reference is not None and self.cursor == (self.stop if self.stop is not None else self.reference.n):
+        if self.reference is not None and self.stop is not None and self.cursor == self.stop:
             self.reference = None  # everything read: let the stored outputs be freed with the pass
 
     def mean(self) -> np.ndarray:
