@@ -247,11 +247,13 @@ LAYERS = [
     {"results", "warps", "activations", "devices", "adapters"},
     {"transforms"},
     {"measures.states", "measures.functional", "measures.base"},
-    {"measures.moments", "measures.collection"},
+    {"measures.moments", "measures.collection", "measures.goodfellow_states"},
     {"measures.variance", "measures.anova", "measures.goodfellow", "measures.distance",
      "measures.same_equivariance", "measures.geed"},
     {"engine"},
     {"stratified"},
+    {"lie.tangents", "lie.derivative", "lie.liegg", "widgets.data", "widgets.figures", "widgets.export",
+     "widgets.explorer"},
 ]
 
 
