@@ -125,7 +125,9 @@ def default_fill(x: Any, fill: Any = None) -> float | list[float] | tuple[float,
     A tensor fill becomes a float (one value) or a list of floats (one per channel); other values
     are returned as they are (numbers, tuples)."""
     if fill is None:
-        fill = getattr(x, "fill", 0.0)
+        fill = getattr(x, "fill", None)
+    if fill is None:
+        fill = 0.0
     if isinstance(fill, torch.Tensor):
         fill = fill.item() if fill.numel() == 1 else fill.flatten().tolist()
     return fill
