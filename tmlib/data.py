@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .files import atomic_save
+
 __all__ = ["DATASETS", "SPLITS", "FetchResult", "ImageDataset", "describe", "fetch", "holdout", "load", "available"]
 
 SPLITS = ("train", "test")
@@ -363,21 +365,10 @@ def _say(msg: str) -> None:
 
 def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, *, source: str,
                  sha256: str | None = None) -> None:
-    """torch.save to a temp file beside ``path``, then os.replace: a reader never sees a
-    half-written cache, and an interrupted write leaves nothing behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"images": images.contiguous(), "labels": labels.to(torch.int64),
-                        "source": source, "sha256": sha256}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache is ordinary shared data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save to a temp file beside ``path``, then os.replace (tmlib.files.atomic_write): a
+    reader never sees a half-written cache, and an interrupted write leaves nothing behind."""
+    blob = {"images": images.contiguous(), "labels": labels.to(torch.int64), "source": source, "sha256": sha256}
+    atomic_save(path, blob)
 
 
 def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor]:

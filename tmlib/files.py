@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_save", "atomic_write"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object], mode: int = 0o644) -> Path:
@@ -41,3 +41,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], mode: 
         finally:
             os.close(folder)
     return path
+
+
+def atomic_save(path: str | os.PathLike, obj: object) -> Path:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write` (into an open binary file)."""
+    import torch
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+    return atomic_write(path, write)

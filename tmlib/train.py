@@ -18,15 +18,11 @@ rotations), ``name``, ``split`` and ``tensors() -> (x [N, C, H, W], y [N])``. Mo
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import itertools
 import json
 import math
-import numbers
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +34,11 @@ from tqdm.auto import tqdm
 
 from tmlib.stopping import EarlyStop, StopState
 from tmlib.transforms import TransformationSet
+
+from .adapters import dataset_tensors, default_fill
+from .checks import check_int, check_real
+from .devices import resolve_device
+from .files import atomic_save
 
 __all__ = ["CHECKPOINT_FORMAT", "accuracy", "checkpoint_key", "train"]
 
@@ -54,23 +55,11 @@ _DATASET_SAMPLE = 64
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})"
-        )
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int(name, value, minimum)  # TypeError for a non-integer, ValueError below minimum
 
 
 def _check_real(name: str, value: Any, *, positive: bool) -> float:
-    expected = "a finite number > 0" if positive else "a finite number >= 0"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return value
+    return check_real(name, value, positive=positive)
 
 
 def _check_model(model: Any) -> None:
@@ -125,43 +114,13 @@ def _check_hyperparameters(
 
 
 def _dataset_tensors(dataset: Any, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images x [N, C, H, W] (float) and labels y [N] (int64) of a dataset, on the CPU.
-
-    Uses ``dataset.tensors()`` when it exists; otherwise stacks the items (the first ``limit`` only,
-    when given).
-    """
-    tensors = getattr(dataset, "tensors", None)
-    if callable(tensors):
-        x, y = tensors()
-        x, y = torch.as_tensor(x).cpu(), torch.as_tensor(y).cpu()
-        if limit is not None:
-            x, y = x[:limit], y[:limit]
-    else:
-        n = len(dataset) if limit is None else min(limit, len(dataset))
-        items = [dataset[i] for i in range(n)]
-        if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items):
-            raise TypeError(
-                "dataset items must be (image [C, H, W], label) pairs, "
-                f"got {type(items[0]).__name__}"
-            )
-        x = torch.stack([torch.as_tensor(image) for image, _ in items])
-        y = torch.tensor([int(label) for _, label in items])
-    if x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(
-            f"dataset images must be float tensors [C, H, W] (stacked [N, C, H, W]), "
-            f"got {x.dtype} of shape {tuple(x.shape)}"
-        )
-    if y.shape != (len(x),):
-        raise ValueError(f"dataset labels must have shape [{len(x)}], got {tuple(y.shape)}")
-    return x, y.long()
+    """Images x [N, C, H, W] (float) and labels y [N] (int64) of a dataset, on the CPU."""
+    return dataset_tensors(dataset, limit)
 
 
 def _dataset_fill(dataset: Any) -> tuple[float, ...]:
     """The background value of the dataset's images, one float per channel (or one for all)."""
-    fill = getattr(dataset, "fill", None)
-    if fill is None:
-        return (0.0,)
-    return tuple(float(v) for v in torch.as_tensor(fill, dtype=torch.float64).flatten().tolist())
+    return tuple(float(v) for v in torch.as_tensor(default_fill(dataset), dtype=torch.float64).flatten().tolist())
 
 
 def _tensor_digest(hasher: Any, tensor: torch.Tensor) -> None:
@@ -325,20 +284,7 @@ def checkpoint_key(
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically: a reader sees either no file or the complete one, never a partial save."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary file lives in the same directory so that os.replace is a rename, not a copy.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are ordinary shared files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_save(path, payload)
 
 
 def _load_checkpoint(model: nn.Module, path: Path, key: str) -> tuple[dict[str, Any], dict]:
@@ -364,16 +310,7 @@ def _load_checkpoint(model: nn.Module, path: Path, key: str) -> tuple[dict[str, 
 
 def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
     """``device`` if given, else the device of the model's first parameter (or buffer), else CPU."""
-    if device is not None:
-        try:
-            return torch.device(device)
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(
-                f"device must be None or a torch device such as 'cpu' or 'cuda:0', got {device!r}"
-            ) from error
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    return resolve_device(device, model)
 
 
 def _derive_seed(seed: int, purpose: str) -> int:
