@@ -150,21 +150,12 @@ def test_seed_effect_and_profile():
         mt.effect_profile(a, {5: a[0]})
 
 
-def test_seed_profile_is_seed_mean_per_layer():
-    from tmlib.measures import NormalizedVariance, evaluate
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ELU(), torch.nn.Flatten(), torch.nn.Linear(3 * 36, 4))
-    results = [evaluate(model, torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(k)),
-                        transforms.rotations(4), NormalizedVariance(mode="channel"), blocks=3,
-                        progress=False)["NV[channel,std]"] for k in range(2)]
-    prof = mt.seed_profile(results, label="toy")
-    assert prof["layer"].tolist() == results[0].layer_names and (prof["label"] == "toy").all()
-    layer = results[0].layer_names[1]
-    est = ex.seed_mean([ex.Jack.of(r).mean([layer]) for r in results])
-    row = prof.set_index("layer").loc[layer]
-    assert row["value"] == pytest.approx(est.value) and row["low"] == pytest.approx(est.low)
-    assert prof["depth"].iloc[0] == 0 and prof["depth"].iloc[-1] == 1
+def test_seed_values_profile():
+    by = {0: pd.Series([1.0, 2.0, np.nan], index=["a", "b", "c"]), 1: pd.Series([3.0, 2.0, 1.0], index=["a", "b", "c"])}
+    prof = mt.seed_values_profile(by, label="x")
+    assert prof["layer"].tolist() == ["a", "b"] and (prof["label"] == "x").all()  # NaN layers of seed 0 left out
+    assert prof["value"].tolist() == [2.0, 2.0] and prof.loc[0, "low"] < 2 < prof.loc[0, "high"]
+    assert prof.loc[1, "se"] == 0 and prof["depth"].tolist() == [0.0, 1.0]
 
 
 # ------------------------------------------------------------------------------- designs

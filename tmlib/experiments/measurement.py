@@ -9,8 +9,8 @@
 * Measure comparison ([Q23] §5.2): :func:`seed_effect` — a difference between two models measured
   on every seed, its standard error over the seeds and the effect size difference / SE;
   :func:`effect_profile` per layer.
-* Any notebook with seeds and jackknife blocks: :func:`seed_profile` (per-layer seed-mean of a
-  measure with its 95 % interval, jackknife and between-seed variance combined).
+* Seeds without jackknife replicates (e.g. Goodfellow's score): :func:`seed_values_profile`, the
+  counterpart of :func:`tmlib.experiments.seed_profile` (per-layer mean over seeds, t interval).
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ import pandas as pd
 import torch
 
 from .. import transforms
-from ..results import MeasureResult
-from .analysis import Estimate, Jack, seed_mean
+from .analysis import Estimate
 
 __all__ = [
     "Part",
@@ -43,7 +42,6 @@ __all__ = [
     "random_phase",
     "relative_error",
     "seed_effect",
-    "seed_profile",
     "seed_values_profile",
 ]
 
@@ -269,29 +267,10 @@ def effect_profile(a: Mapping[Any, pd.Series], b: Mapping[Any, pd.Series], sign:
     return pd.DataFrame(rows)
 
 
-def seed_profile(results: Sequence[MeasureResult], label: str | None = None) -> pd.DataFrame:
-    """Per layer, the seed-mean of one measure (one result per seed, measured with ``blocks=K``)
-    with its 95 % interval (jackknife and between-seed variance, :func:`seed_mean`); columns
-    layer, index, depth, value, se, low, high (and label), the frame ``plots.layer_curves`` draws."""
-    results = list(results)
-    if not results:
-        raise ValueError("seed_profile needs at least one result")
-    layers = [layer for layer in results[0].layer_names if np.isfinite(results[0].layer_means()[layer])]
-    rows = []
-    for i, layer in enumerate(layers):
-        est = seed_mean([Jack.of(r).mean([layer]) for r in results])
-        rows.append({"layer": layer, "index": i, "value": est.value, "se": est.se, "low": est.low, "high": est.high})
-    out = pd.DataFrame(rows)
-    out["depth"] = out["index"] / max(1, len(out) - 1)
-    if label is not None:
-        out["label"] = label
-    return out
-
-
 def seed_values_profile(by_seed: Mapping[Any, pd.Series], label: str | None = None) -> pd.DataFrame:
     """Per layer, the mean over seeds of layer means without jackknife replicates (seed → layer
     means), with the 95 % t interval over the seeds (S − 1 dof): the frame ``plots.layer_curves``
-    draws, as :func:`seed_profile`."""
+    draws, as :func:`tmlib.experiments.seed_profile`."""
     seeds = list(by_seed)
     if not seeds:
         raise ValueError("seed_values_profile needs at least one seed")
