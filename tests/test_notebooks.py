@@ -103,12 +103,13 @@ def _check_measure_comparison(figures):
 def _check_same_equivariance(figures):
     reg = pd.read_csv(figures / "08_regressors.csv")
     assert len(reg) == 4 and set(reg["unit"]) == {"°", "px"} and reg["median error"].gt(0).all()
+    assert (reg["images trained"] == 200).all()
     diff = pd.read_csv(figures / "08_difference_from_untrained.csv")
     assert set(diff["measure"]) == {"NVSE", "DSES"} and not {"fc0", "fc1"} & set(diff["layer"])
     assert diff["low"].le(diff["value"]).all() and diff["high"].ge(diff["value"]).all()
     frame = pd.read_csv(figures / "08_same_equivariance.csv")
     assert set(frame["training"]) == {"regressor", "untrained"}
-    assert len(_claims(figures, "08_same_equivariance")) >= 7
+    assert len(_claims(figures, "08_same_equivariance")) == 2 * 2 + 2 + 1  # change, rise; floors; symmetric conv
 
 
 MEASUREMENT_CHECKS = {"05_sample_size": _check_sample_size, "07_measure_comparison": _check_measure_comparison,
