@@ -23,10 +23,11 @@ SMALLEST = {
                                   "transformations": ["rotation", "scale"], "complexity_fractions": [1, 0.5],
                                   "n_seeds": 2},
     "04_model_comparison": {**TINY, "architectures": ["SimpleConv", "ResNet", "TIPooling"]},
-    "05_sample_size": {k: v for k, v in TINY.items() if k not in ("n_samples", "n_test")} | {"sizes": [4, 8]},
+    "05_sample_size": {k: v for k, v in TINY.items() if k != "n_samples"}
+    | {"sizes": [4, 8], "n_repeats": 2, "reference": [16, 8], "untrained_repeats": 2},
     "06_architecture": {**TINY, "variants": ["base", "batch norm"], "n_seeds": 2},
-    "07_measure_comparison": {**TINY, "firing_rates": [0.05, 0.1]},
-    "08_same_equivariance": {**TINY, "transformations": ["rotation", "translation"]},
+    "07_measure_comparison": {**TINY, "firing_rates": [0.1], "n_seeds": 2, "blocks": 2},
+    "08_same_equivariance": {**TINY, "transformations": ["rotation", "translation"], "n_seeds": 2, "blocks": 2},
     "09_kvinge": {**TINY, "steerable_fields": [2, 2, 4]},
     "10_liegg": {"n_train": 300, "epochs": 1, "n_samples": 8, "depths": [1], "widths": [16],
                  "cnn_options": {"filters": 2, "fc_units": 8}, "check_claims": False, "progress": False},
@@ -62,14 +63,57 @@ FIGURES = {
     "03_dataset_transformation": ["03_dataset_transformation.png", "03_dataset_transformation.csv", "03_diversity.png",
                                   "03_complexity.png"],
     "04_model_comparison": ["04_model_comparison.png", "04_model_comparison.csv", "04_table_2019.csv"],
-    "05_sample_size": ["05_sample_size.png", "05_sample_size.csv"],
+    "05_sample_size": ["05_sample_size.png", "05_sample_size.csv", "05_sample_size_errors.csv"],
     "06_architecture": ["06_architecture.png", "06_architecture.csv", "06_effects.csv"],
-    "07_measure_comparison": ["07_measure_comparison.png", "07_measure_comparison.csv", "07_goodfellow_sweep.png"],
-    "08_same_equivariance": ["08_same_equivariance.png", "08_same_equivariance.csv"],
+    "07_measure_comparison": ["07_measure_comparison.png", "07_measure_comparison.csv", "07_goodfellow_sweep.png",
+                              "07_separation.png", "07_separation.csv", "07_goodfellow_sweep.csv"],
+    "08_same_equivariance": ["08_same_equivariance.png", "08_same_equivariance.csv",
+                             "08_difference_from_untrained.png", "08_difference_from_untrained.csv"],
     "10_liegg": ["10_liegg.png", "10_liegg.csv", "10_liegg_generator.png"],
     "11_lie_derivative": ["11_lie_derivative.png", "11_lie_derivative.csv"],
     "12_explorer": ["12_explorer.png", "12_explorer.html"],
 }
+
+
+def _claims(figures, notebook):
+    claims = pd.read_csv(figures / "claims.csv")
+    return claims[claims["notebook"] == notebook]
+
+
+def _check_sample_size(figures):
+    errors = pd.read_csv(figures / "05_sample_size_errors.csv")
+    assert set(errors["model"]) == {"rotation", "untrained"} and len(errors) == 2 * 2 * 2
+    assert (errors["repeats"] == 2).all() and errors["error"].between(0, 1).all() and errors["se"].notna().all()
+    nv = pd.read_csv(figures / "05_sample_size.csv")
+    assert {"n", "m", "NV", "layer", "repeat", "model"} <= set(nv.columns)
+    assert len(_claims(figures, "05_sample_size")) == 2  # the slopes along n and along m
+    assert len(pd.read_csv(figures / "05_sample_size_trend.csv")) == 2
+
+
+def _check_measure_comparison(figures):
+    sep = pd.read_csv(figures / "07_separation.csv")
+    assert set(sep["measure"]) == {"NV", "ND²", "ND", "ANOVA", "Goodfellow"} and len(sep) == 10
+    assert sep["z (seeds)"].notna().all()
+    assert sep["z (seeds + jackknife), last quarter"].notna().sum() == 6  # NV, ND², ANOVA × 2
+    sweep = pd.read_csv(figures / "07_goodfellow_sweep.csv")
+    assert set(sweep["firing_rate"]) == {0.01, 0.1} and set(sweep["seed"]) == {0, 1}
+    assert len(_claims(figures, "07_measure_comparison")) >= 2
+
+
+def _check_same_equivariance(figures):
+    reg = pd.read_csv(figures / "08_regressors.csv")
+    assert len(reg) == 4 and set(reg["unit"]) == {"°", "px"} and reg["median error"].gt(0).all()
+    assert (reg["images trained"] == 200).all()
+    diff = pd.read_csv(figures / "08_difference_from_untrained.csv")
+    assert set(diff["measure"]) == {"NVSE", "DSES"} and not {"fc0", "fc1"} & set(diff["layer"])
+    assert diff["low"].le(diff["value"]).all() and diff["high"].ge(diff["value"]).all()
+    frame = pd.read_csv(figures / "08_same_equivariance.csv")
+    assert set(frame["training"]) == {"regressor", "untrained"}
+    assert len(_claims(figures, "08_same_equivariance")) == 2 * 2 + 2 + 1  # change, rise; floors; symmetric conv
+
+
+MEASUREMENT_CHECKS = {"05_sample_size": _check_sample_size, "07_measure_comparison": _check_measure_comparison,
+                      "08_same_equivariance": _check_same_equivariance}
 
 
 @pytest.mark.notebook
@@ -87,6 +131,8 @@ def test_experiment_notebook(name, tmp_path):
         html = (tmp_path / "figures" / "12_explorer.html").read_text()
         assert html.count('src="data:image/png;base64,') == len(SMALLEST[name]["report_layers"])
         assert "https://" not in html.split("<style")[0] and "<script src=" not in html
+    if name in MEASUREMENT_CHECKS:
+        MEASUREMENT_CHECKS[name](tmp_path / "figures")
     frame = pd.read_csv(tmp_path / "figures" / FIGURES[name][1]) if FIGURES[name][1].endswith(".csv") else None
     if frame is not None:
         assert {"layer", "value"} <= set(frame.columns) or {"n", "m", "NV"} <= set(frame.columns)

@@ -42,12 +42,20 @@ def measure(
     progress: bool = True,
     blocks: int | None = None,
     stratified: bool = True,
+    subset: Any = None,
     **kwargs: Any,
 ) -> dict[str, MeasureResult]:
     """``measures`` (default TV, SV, NV in channel mode, as in [Q23]) of every layer, on a stratified
     (or, with ``stratified=False``, uniformly drawn) test subset of ``n_samples`` images of
-    ``dataset``; ``blocks`` jackknife blocks give intervals."""
-    samples = data.load(dataset, "test", n=n_samples, root=resolve(data_root), seed=seed, stratified=stratified)
+    ``dataset``; ``blocks`` jackknife blocks give intervals.
+
+    ``subset``: instead of that draw, the images an object with ``select(test_split) -> dataset``
+    picks from the whole test split (e.g. one part of
+    :class:`tmlib.experiments.measurement.Partition`: disjoint stratified subsets)."""
+    if subset is not None:
+        samples = subset.select(data.load(dataset, "test", root=resolve(data_root)))
+    else:
+        samples = data.load(dataset, "test", n=n_samples, root=resolve(data_root), seed=seed, stratified=stratified)
     ts = measurement_set(transformation) if isinstance(transformation, str) else transformation
     measures = measures or variance_measures()
     spec = getattr(model, "spec", None)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..design import Design
-from . import quiroga
+from . import measurement, quiroga
 
 __all__ = ["DESIGNS", "design"]
 
@@ -22,6 +22,9 @@ DESIGNS: dict[str, Callable[..., Design]] = {
     "03_dataset_transformation": quiroga.sensitivity,
     "04_model_comparison": quiroga.model_comparison,
     "06_architecture": quiroga.architecture,
+    "05_sample_size": measurement.sample_size,
+    "07_measure_comparison": measurement.measure_comparison,
+    "08_same_equivariance": measurement.same_equivariance,
 }
 
 
