@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..design import Design
-from . import quiroga
+from . import kvinge, quiroga
 
 __all__ = ["DESIGNS", "design"]
 
@@ -22,6 +22,7 @@ DESIGNS: dict[str, Callable[..., Design]] = {
     "03_dataset_transformation": quiroga.sensitivity,
     "04_model_comparison": quiroga.model_comparison,
     "06_architecture": quiroga.architecture,
+    "09_kvinge": kvinge.kvinge,
 }
 
 
