@@ -28,7 +28,7 @@ SMALLEST = {
     "06_architecture": {**TINY, "variants": ["base", "batch norm"], "n_seeds": 2},
     "07_measure_comparison": {**TINY, "firing_rates": [0.1], "n_seeds": 2, "blocks": 2},
     "08_same_equivariance": {**TINY, "transformations": ["rotation", "translation"], "n_seeds": 2, "blocks": 2},
-    "09_kvinge": {**TINY, "steerable_fields": [2, 2, 4]},
+    "09_kvinge": {**TINY, "n_seeds": 2, "steerable_fields": [2, 2, 4]},
     "10_liegg": {"n_train": 300, "epochs": 1, "n_samples": 8, "depths": [1], "widths": [16],
                  "cnn_options": {"filters": 2, "fc_units": 8}, "check_claims": False, "progress": False},
     "11_lie_derivative": {"n_train": 200, "epochs": 1, "n_samples": 8, "n_test": 100, "check_claims": False,
@@ -166,20 +166,31 @@ def test_kvinge_notebook(tmp_path):
     executed = _execute("09_kvinge", tmp_path).read_text()
     figures = tmp_path / "figures"
     assert (figures / "09_kvinge_a.png").stat().st_size > 10_000
-    frame = pd.read_csv(figures / "09_kvinge_a.csv")
-    assert set(frame["label"]) == {"plain CNN", "CNN + C4 augmentation", "C4-steerable CNN"}
-    steerable = frame[frame["label"] == "C4-steerable CNN"]
+    tidy = pd.read_csv(figures / "09_kvinge.csv")
+    seeds = SMALLEST["09_kvinge"]["n_seeds"]
+    steerable = tidy[tidy["model_label"].str.startswith("steerable")]
+    assert steerable["model_label"].nunique() == 2 * seeds  # trained and untrained, every seed
     # Invariance and equivariance by construction hold after any training, even one tiny epoch.
-    head = steerable[steerable["layer"].isin(["gap", "fc0", "fc0act", "fc1"])]
+    head = steerable[steerable["layer"].isin(["gpool", "gap", "fc0", "fc0act", "fc1"])]
     assert (head[head["measure"] == "GEED-inv[cosine,False]"]["value"] < 1e-5).all()
     assert (steerable[steerable["measure"] == "GEED-eq[cosine,custom]"]["value"] < 1e-5).all()
-    plain = frame[frame["label"] == "plain CNN"]
+    plain = tidy[tidy["model_label"].str.startswith("mnist plain")]
     assert (plain[plain["measure"] == "GEED-inv[cosine,False]"]["value"] > 1e-4).all()
+    assert {"se", "low", "high"} <= set(tidy.columns) and tidy["se"].notna().all()
+    a = pd.read_csv(figures / "09_kvinge_a.csv")
+    assert {"untrained SimpleConv", "plain CNN", "CNN + C4 augmentation", "augmented − plain"} <= set(a["label"])
+    assert ((a["low"] <= a["value"] + 1e-12) & (a["value"] <= a["high"] + 1e-12)).all()
+    models = pd.read_csv(figures / "models.csv")
+    assert len(models) == seeds * (7 if data.available("fashion-mnist", ROOT / "data")[0] else 3)
+    claims = pd.read_csv(figures / "claims.csv")
+    assert (claims["notebook"] == "09_kvinge").all() and len(claims) >= 6
+    assert claims.loc[claims["claim"].str.contains("steerable"), "holds"].all()
     if data.available("fashion-mnist", ROOT / "data")[0]:
         for name in ("09_kvinge_b.png", "09_kvinge_c.png", "09_kvinge_b.csv", "09_kvinge_c.csv"):
             assert (figures / name).stat().st_size > 500, name
         c = pd.read_csv(figures / "09_kvinge_c.csv")
-        assert len(c) == 8 and set(c["measured on"]) == {"mnist", "fashion-mnist"}
+        assert len(c) == 4 and set(c["measured on"]) == {"mnist", "fashion-mnist"}
+        assert ((c["low"] <= c["relative gain"]) & (c["relative gain"] <= c["high"])).all()
     else:
         assert "parts (b) and (c) are skipped" in executed
 

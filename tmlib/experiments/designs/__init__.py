@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..design import Design
-from . import measurement, quiroga
+from . import kvinge, measurement, quiroga
 
 __all__ = ["DESIGNS", "design"]
 
@@ -25,6 +25,7 @@ DESIGNS: dict[str, Callable[..., Design]] = {
     "05_sample_size": measurement.sample_size,
     "07_measure_comparison": measurement.measure_comparison,
     "08_same_equivariance": measurement.same_equivariance,
+    "09_kvinge": kvinge.kvinge,
 }
 
 
