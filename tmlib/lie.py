@@ -65,16 +65,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activations import LayerObserver
+from .engine import block_bounds
+from .results import MeasureResult
 from .transforms import warp
 
 __all__ = [
     "GENERATORS",
     "LEE_NORMALISATION",
+    "LIEGG_OUTPUTS",
     "OUTPUT",
+    "LEEResult",
     "LieGGResult",
     "generator_matrix",
     "image_gradient",
     "lie_derivative",
+    "lee",
     "lie_equivariance_error",
     "liegg",
     "symmetry_bias",
@@ -361,7 +366,71 @@ def _batches(n: int, batch_size: int):
         yield start, min(n, start + batch_size)
 
 
-def lie_equivariance_error(
+def _check_blocks(blocks: Any, n: int) -> int | None:
+    if blocks is None:
+        return None
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or not 2 <= blocks <= n:
+        raise ValueError(f"blocks must be None or an int in [2, n={n}] (jackknife blocks of samples), got {blocks!r}")
+    return blocks
+
+
+def _jackknife_se(replicates: np.ndarray) -> float:
+    k = len(replicates)
+    return float(np.sqrt((k - 1) / k * np.square(replicates - replicates.mean()).sum()))
+
+
+def _t_interval(value: float, se: float, dof: int, confidence: float = 0.95) -> tuple[float, float]:
+    from scipy import stats as _st
+
+    if not math.isfinite(se):
+        return float("nan"), float("nan")
+    half = float(_st.t.ppf(0.5 + confidence / 2, dof)) * se
+    return value - half, value + half
+
+
+@dataclass
+class LEEResult:
+    """What :func:`lee` finds: the tidy frame and, per (generator, quantity), a
+    :class:`~tmlib.results.MeasureResult` (so that ``tmlib.experiments.Jack.of`` and
+    ``tmlib.plots.layer_curves`` take it as they take the invariance measures).
+
+    Attributes:
+        frame: one row per (layer, generator) in forward order: ``layer``, ``index`` (position
+            among the measured layers), ``depth`` (index / (layers − 1), 0 … 1), ``generator``,
+            ``value`` (LEE), ``sem`` (SE over samples), ``relative`` (value / variance), ``variance``,
+            ``n``, ``units``, ``kind``, ``normalisation``; with ``blocks``: ``se``, ``low``, ``high``
+            (delete-one-block jackknife SE of ``value`` and its 95 % t interval, K − 1 dof) and
+            ``relative_se``, ``relative_low``, ``relative_high`` (the same for ``relative``).
+        results: ``{(generator, "value" | "relative"): MeasureResult}``: per layer an array of the
+            per-unit LEE (``"value"``; its mean is the layer's LEE) or per-unit LEE / layer variance
+            (``"relative"``; its mean is the relative LEE), with K leave-one-block-out replicates
+            of the layer means when measured with ``blocks``.
+        layers, generators: in the order measured; blocks: K or None.
+    """
+
+    frame: pd.DataFrame
+    results: dict[tuple[str, str], MeasureResult]
+    layers: list[str]
+    generators: list[str]
+    blocks: int | None = None
+
+    def result(self, generator: str, quantity: str = "value") -> MeasureResult:
+        """The :class:`~tmlib.results.MeasureResult` of one generator: ``quantity`` is ``"value"``
+        (LEE) or ``"relative"`` (LEE / variance of the layer's output over the samples)."""
+        if quantity not in ("value", "relative"):
+            raise ValueError(f"quantity must be 'value' or 'relative', got {quantity!r}")
+        if generator not in self.generators:
+            raise ValueError(f"generator: {generator!r} was not measured; measured: {self.generators}")
+        return self.results[(generator, quantity)]
+
+    def curves(self, generator: str, quantity: str = "value", label: str | None = None) -> pd.DataFrame:
+        """Tidy rows of one generator for :func:`tmlib.plots.layer_curves`: layer, index, depth,
+        value (and se, low, high with blocks), measure, plus ``label`` when given."""
+        frame = self.result(generator, quantity).to_frame()
+        return frame if label is None else frame.assign(label=label)
+
+
+def lee(
     model: Callable,
     x: torch.Tensor,
     generators: Any = ("rotation", "scale", "shear_x", "shear_y", "stretch", "translation_x", "translation_y"),
@@ -370,7 +439,8 @@ def lie_equivariance_error(
     fill: Any = None,
     equivariant: bool = False,
     progress: bool = True,
-) -> pd.DataFrame:
+    blocks: int | None = None,
+) -> LEEResult:
     """LEE of every requested layer along every generator, in one forward-mode run per batch.
 
     Args:
@@ -378,14 +448,14 @@ def lie_equivariance_error(
         layers: layer names (module paths, ``"output"``); None = ``model.layer_names()`` if the
             model has it, else the output.
         equivariant: see :func:`lie_derivative` (image-shaped layers only).
+        blocks: K ≥ 2 for a delete-one-block jackknife at no extra forward: the samples are split
+            into K contiguous blocks (:func:`tmlib.engine.block_bounds`), and every layer's LEE and
+            relative LEE are recomputed without each block (the variance of the relative LEE from
+            per-block moments). Two models measured on the same x with the same K have paired
+            replicates: the jackknife of a difference between them is the difference of replicates.
 
     Returns:
-        Tidy DataFrame, one row per (layer, generator) in forward order, columns ``layer``,
-        ``generator``, ``value`` (mean over samples of the mean over units of (L_h f)²), ``sem``
-        (standard error over samples of that per-sample mean), ``variance`` (mean over units of
-        the variance of f over the samples), ``relative`` (value / variance: scale-free, for
-        comparing models whose outputs differ in size, e.g. trained vs untrained), ``n``
-        (samples), ``units``, ``kind`` (invariance/equivariance), ``normalisation``.
+        :class:`LEEResult` (its ``frame`` is what :func:`lie_equivariance_error` returns).
     """
     _check_model(model)
     _check_images(x)
@@ -393,12 +463,18 @@ def lie_equivariance_error(
     names, gens = _generator_list(generators)
     layers = _default_layers(model) if layers is None else layers
     layers = _normalise_layers(model, layers, "layers")
+    n = x.shape[0]
+    blocks = _check_blocks(blocks, n)
+    bounds = block_bounds(n, blocks) if blocks is not None else [0, n]
+    block_of = torch.bucketize(torch.arange(n), torch.tensor(bounds[1:-1]), right=True)  # sample → block
     fn = _layer_function(model, layers)
     per_sample: list[list[list[torch.Tensor]]] = [[[] for _ in names] for _ in layers]
+    per_unit: list[torch.Tensor | None] = [None] * len(layers)  # Σ over samples of (L_h f)² per unit [k, F]
+    shapes: list[tuple[int, ...]] = [()] * len(layers)
     units = [0] * len(layers)
     kinds = ["invariance"] * len(layers)
     moments: list[list[torch.Tensor]] = [[] for _ in layers]  # per layer: Σf and Σf² per unit
-    n = x.shape[0]
+    block_moments: list[torch.Tensor | None] = [None] * len(layers)  # [K, 2, F] per layer (with blocks)
     with torch.no_grad(), tqdm(total=n, desc="LEE", unit="sample", disable=not progress) as bar:
         for start, stop in _batches(n, batch_size):
             xb = x[start:stop]
@@ -408,33 +484,109 @@ def lie_equivariance_error(
                 flat = p.reshape(stop - start, -1).double()
                 sums = torch.stack([flat.sum(0), (flat**2).sum(0)])
                 moments[i] = [sums] if not moments[i] else [moments[i][0] + sums]
+                if blocks is not None:
+                    if block_moments[i] is None:
+                        block_moments[i] = torch.zeros(blocks, 2, flat.shape[1], dtype=torch.float64)
+                    owner = block_of[start:stop]
+                    block_moments[i][:, 0].index_add_(0, owner, flat)
+                    block_moments[i][:, 1].index_add_(0, owner, flat**2)
                 if equivariant:
                     corr = _equivariant_correction(p, gens, fill)
                     if corr is not None:
                         d = d - corr
                         kinds[i] = "equivariance"
+                shapes[i] = tuple(p.shape[1:])
                 d = d.reshape(len(names), stop - start, -1).double()
                 units[i] = d.shape[-1]
-                sq = (d**2).mean(dim=-1)  # [k, b]: mean over units per sample
+                squares = d**2
+                per_unit[i] = squares.sum(1) if per_unit[i] is None else per_unit[i] + squares.sum(1)
+                sq = squares.mean(dim=-1)  # [k, b]: mean over units per sample
                 for g in range(len(names)):
                     per_sample[i][g].append(sq[g])
             bar.update(stop - start)
     rows = []
+    results: dict[tuple[str, str], MeasureResult] = {}
+    replicates: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    count = len(layers)
+    sizes = np.diff(bounds)
     for i, layer in enumerate(layers):
         s1, s2 = moments[i][0]
         variance = float(((s2 - s1**2 / n) / max(n - 1, 1)).clamp_min(0).mean())  # mean over units
+        if blocks is not None:
+            rest = block_moments[i].sum(0, keepdim=True) - block_moments[i]  # [K, 2, F]: all blocks but k
+            m = torch.as_tensor(n - sizes, dtype=torch.float64).reshape(-1, 1)
+            var_k = ((rest[:, 1] - rest[:, 0] ** 2 / m) / (m - 1).clamp_min(1)).clamp_min(0).mean(1).numpy()
         for g, gname in enumerate(names):
             values = torch.cat(per_sample[i][g])
             value = float(values.mean())
             sem = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
             relative = value / variance if variance > 0 else float("nan")
-            rows.append({"layer": layer, "generator": gname, "value": value, "sem": sem, "relative": relative,
-                         "variance": variance, "n": n, "units": units[i], "kind": kinds[i],
-                         "normalisation": LEE_NORMALISATION})
-    return pd.DataFrame(rows)
+            row = {"layer": layer, "index": i, "depth": i / max(count - 1, 1), "generator": gname, "value": value,
+                   "sem": sem, "relative": relative, "variance": variance, "n": n, "units": units[i], "kind": kinds[i],
+                   "normalisation": LEE_NORMALISATION}
+            if blocks is not None:
+                block_sums = torch.zeros(blocks, dtype=torch.float64).index_add_(0, block_of, values).numpy()
+                value_k = (block_sums.sum() - block_sums) / (n - sizes)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    relative_k = np.where(var_k > 0, value_k / var_k, np.nan)
+                for column, estimate, reps in (("", value, value_k), ("relative_", relative, relative_k)):
+                    se = _jackknife_se(reps)
+                    low, high = _t_interval(estimate, se, blocks - 1)
+                    row.update({f"{column}se": se, f"{column}low": low, f"{column}high": high})
+                replicates.setdefault((gname, "value"), {})[layer] = value_k
+                replicates.setdefault((gname, "relative"), {})[layer] = relative_k
+            rows.append(row)
+            unit_values = (per_unit[i][g] / n).numpy().reshape(shapes[i])
+            for quantity, array in (("value", unit_values),
+                                    ("relative", unit_values / variance if variance > 0 else unit_values * np.nan)):
+                result = results.get((gname, quantity))
+                if result is None:
+                    result = results[(gname, quantity)] = MeasureResult(
+                        f"LEE[{gname}]" if quantity == "value" else f"relative LEE[{gname}]", {},
+                        {"generator": gname, "quantity": quantity, "n": n, "kind": kinds[i],
+                         "normalisation": LEE_NORMALISATION if quantity == "value"
+                         else f"({LEE_NORMALISATION}) / (mean over units of the variance of f over the samples)"})
+                result.values[layer] = array
+    if blocks is not None:
+        for key, per_layer in replicates.items():
+            results[key].replicates = pd.DataFrame(per_layer)[layers]
+    return LEEResult(pd.DataFrame(rows), results, list(layers), list(names), blocks)
 
 
-# ---------------------------------------------------------------------------------- LieGG
+def lie_equivariance_error(
+    model: Callable,
+    x: torch.Tensor,
+    generators: Any = ("rotation", "scale", "shear_x", "shear_y", "stretch", "translation_x", "translation_y"),
+    layers: Sequence[str] | str | None = None,
+    batch_size: int = 64,
+    fill: Any = None,
+    equivariant: bool = False,
+    progress: bool = True,
+    blocks: int | None = None,
+) -> pd.DataFrame:
+    """LEE of every requested layer along every generator, in one forward-mode run per batch.
+
+    Args:
+        generators: names, matrices, a list of them or a dict name → matrix.
+        layers: layer names (module paths, ``"output"``); None = ``model.layer_names()`` if the
+            model has it, else the output.
+        equivariant: see :func:`lie_derivative` (image-shaped layers only).
+        blocks: K for jackknife intervals (see :func:`lee`, which also returns the replicates).
+
+    Returns:
+        Tidy DataFrame, one row per (layer, generator) in forward order, columns ``layer``,
+        ``index`` and ``depth`` (position of the layer: 0 … layers − 1 and 0 … 1, as
+        :func:`tmlib.plots.layer_curves` wants them), ``generator``, ``value`` (mean over samples
+        of the mean over units of (L_h f)²), ``sem`` (standard error over samples of that
+        per-sample mean), ``variance`` (mean over units of the variance of f over the samples),
+        ``relative`` (value / variance: scale-free, for comparing models whose outputs differ in
+        size, e.g. trained vs untrained), ``n`` (samples), ``units``, ``kind``
+        (invariance/equivariance), ``normalisation``; with ``blocks`` also ``se``, ``low``,
+        ``high``, ``relative_se``, ``relative_low``, ``relative_high`` (jackknife, 95 %).
+    """
+    return lee(model, x, generators, layers, batch_size, fill, equivariant, progress, blocks).frame
+
+
 
 
 def symmetry_bias(h: torch.Tensor) -> torch.Tensor:
@@ -471,6 +623,29 @@ def warp_by_generator(image: torch.Tensor, h: str | torch.Tensor, thetas: Sequen
     return warp(image.expand(len(thetas), *image.shape[1:]), mats, fill)
 
 
+#: What the rows of LieGG's polarization matrix differentiate (see :func:`liegg`).
+LIEGG_OUTPUTS = ("units", "normalised", "normalised-sum")
+
+
+def _eigen(gram: torch.Tensor, translations: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending), unit-norm eigen-generators (sign: largest entry positive) and their
+    symmetry bias of a symmetric k×k Gram matrix."""
+    k = gram.shape[0]
+    values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
+    vectors = vectors.T.clone()  # [k generators, k coefficients]
+    # Deterministic sign: the entry of largest magnitude (first one within 1e-9) positive.
+    for i in range(k):
+        mag = vectors[i].abs()
+        j = int(torch.nonzero(mag >= mag.max() - 1e-9)[0])
+        if vectors[i, j] < 0:
+            vectors[i] = -vectors[i]
+    if translations:
+        gens = torch.stack([vectors[:, [0, 1, 4]], vectors[:, [2, 3, 5]]], dim=1)  # [k, 2, 3]
+    else:
+        gens = vectors.reshape(k, 2, 2)
+    return values, gens, symmetry_bias(gens)
+
+
 @dataclass
 class LieGGResult:
     """What :func:`liegg` finds.
@@ -483,9 +658,13 @@ class LieGGResult:
             eigen-generators in the order of ``symmetry_variance``; the sign makes the entry of
             largest magnitude positive.
         symmetry_bias: [k] ``‖(h + hᵀ)/2‖_F`` of each generator's linear part (0 = pure rotation).
-        n: samples; units: output units per sample (rows = n·units).
+        n: samples; units: rows per sample (output units; 1 for ``output="normalised-sum"``).
         basis: names of the basis generators (E11, E12, E21, E22[, Tx, Ty]).
         layer: the layer measured.
+        output: what each row differentiates (:data:`LIEGG_OUTPUTS`).
+        image_size: (H, W) of the images (for :attr:`pixel_scale`).
+        block_grams: with ``blocks=K``: [K, k, k] the Gram matrix of all blocks but k (delete-one-
+            block jackknife; :meth:`replicates`).
     """
 
     gram: torch.Tensor
@@ -497,6 +676,9 @@ class LieGGResult:
     basis: tuple[str, ...]
     layer: str = OUTPUT
     extras: dict = field(default_factory=dict)
+    output: str = "units"
+    image_size: tuple[int, int] | None = None
+    block_grams: torch.Tensor | None = None
 
     def generator(self, k: int = 0) -> torch.Tensor:
         """The k-th eigen-generator as a 3×3 affine generator (k = 0: the most symmetric)."""
@@ -505,6 +687,62 @@ class LieGGResult:
     def warp_by_generator(self, image: torch.Tensor, thetas: Sequence[float], k: int = 0, fill: Any = 0.0) -> torch.Tensor:
         """``expm(θ h_k)`` applied to an image for each θ: [len(thetas), C, H, W]."""
         return warp_by_generator(image, self.generator(k), thetas, fill)
+
+    @property
+    def relative_variance(self) -> float:
+        """Smallest eigenvalue / mean eigenvalue: scale-free (the output's and the gradient's size
+        cancel), 0 for an exact symmetry, 1 when every direction of gl(2) is alike."""
+        return _relative(self.symmetry_variance)
+
+    @property
+    def pixel_scale(self) -> float:
+        """Factor turning this result's eigenvalues into the units of LieGG's public code, whose
+        image gradients are differences *per pixel* while its coordinates are normalised like
+        tmlib's (spacing 2/W): tmlib's gradients are per normalised unit, W/2 times larger, so its
+        eigenvalues are (W/2)² times the public code's. ``(2/W)²`` for square W×W images (2/H · 2/W
+        in general: the rows mix both axes, the geometric mean is used); NaN when the size is
+        unknown."""
+        if self.image_size is None:
+            return float("nan")
+        h, w = self.image_size
+        return 4.0 / (h * w)
+
+    def replicates(self) -> pd.DataFrame | None:
+        """With ``blocks``: one row per block left out: symmetry_variance (smallest eigenvalue),
+        relative_variance, symmetry_bias (of the most symmetric generator); else None."""
+        if self.block_grams is None:
+            return None
+        rows = []
+        translations = self.generators.shape[-1] == 3
+        for gram in self.block_grams:
+            values, _, bias = _eigen(gram, translations)
+            rows.append({"symmetry_variance": float(values[0]), "relative_variance": _relative(values),
+                         "symmetry_bias": float(bias[0])})
+        return pd.DataFrame(rows)
+
+    def summary(self, confidence: float = 0.95) -> dict[str, Any]:
+        """The row a table of models needs: the most symmetric generator (entries and as text), its
+        symmetry variance (and in the public code's units, ``pixel_variance``), the relative
+        variance, its bias, n, units, output and layer; with blocks, the jackknife ``*_se``,
+        ``*_low``, ``*_high`` of symmetry_variance, relative_variance and symmetry_bias."""
+        h = self.generators[0]
+        row: dict[str, Any] = {
+            "layer": self.layer, "output": self.output, "n": self.n, "units": self.units,
+            "symmetry_variance": float(self.symmetry_variance[0]),
+            "pixel_variance": float(self.symmetry_variance[0]) * self.pixel_scale,
+            "relative_variance": self.relative_variance, "symmetry_bias": float(self.symmetry_bias[0]),
+            "generator": np.array2string(h.numpy(), precision=3, suppress_small=True).replace("\n", ""),
+        }
+        labels = ["h11", "h12", "h21", "h22"] if h.numel() == 4 else ["h11", "h12", "tx", "h21", "h22", "ty"]
+        row.update(dict(zip(labels, h.flatten().tolist())))
+        reps = self.replicates()
+        if reps is not None:
+            k = len(reps)
+            for column in ("symmetry_variance", "relative_variance", "symmetry_bias"):
+                se = _jackknife_se(reps[column].to_numpy())
+                low, high = _t_interval(row[column], se, k - 1, confidence)
+                row.update({f"{column}_se": se, f"{column}_low": low, f"{column}_high": high})
+        return row
 
     def to_frame(self) -> pd.DataFrame:
         """One row per eigen-generator: rank, symmetry variance, bias and the matrix entries."""
@@ -525,6 +763,25 @@ class LieGGResult:
                 f"most symmetric generator={h}, bias={float(self.symmetry_bias[0]):.3g})")
 
 
+def _relative(values: torch.Tensor) -> float:
+    mean = float(values.mean())
+    return float(values[0]) / mean if mean > 0 else float("nan")
+
+
+def _output_function(fn: Callable, output: str) -> Callable:
+    """The rows' function: the layer itself, its L2-normalised output, or the sum of that."""
+    if output == "units":
+        return fn
+
+    def normalised(x: torch.Tensor) -> tuple[torch.Tensor]:
+        y = fn(x)[0]
+        flat = y.reshape(y.shape[0], -1)
+        unit = flat / flat.norm(dim=1, keepdim=True)
+        return (unit.sum(dim=1, keepdim=True) if output == "normalised-sum" else unit,)
+
+    return normalised
+
+
 def liegg(
     model: Callable,
     x: torch.Tensor,
@@ -533,6 +790,8 @@ def liegg(
     translations: bool = False,
     fill: Any = None,
     progress: bool = True,
+    output: str = "units",
+    blocks: int | None = None,
 ) -> LieGGResult:
     """LieGG: the symmetries a network has learned, from its Lie derivatives on data x.
 
@@ -546,6 +805,17 @@ def liegg(
         layer: a layer name (see :func:`lie_derivative`); None = the output.
         translations: add the two translation generators to the basis (6×6 Gram).
         fill: border extension of x for the image gradient.
+        output: what the rows differentiate: ``"units"`` (the layer's units as they are),
+            ``"normalised"`` (the layer's output divided by its L2 norm per sample, all units
+            stacked: the eigenvalues no longer scale with the size of the outputs, so networks whose
+            logits differ in size, e.g. trained and untrained, compare), or ``"normalised-sum"``
+            (the *sum* of the L2-normalised outputs, one row per sample: what LieGG's public code
+            differentiates; it is a shortcut — a direction along which the normalised outputs
+            change but their sum does not counts as a symmetry — kept to compare with its numbers).
+        blocks: K ≥ 2: also keep the Gram matrix of each of K contiguous sample blocks
+            (:func:`tmlib.engine.block_bounds`) for a delete-one-block jackknife of the eigenvalues
+            and biases (:meth:`LieGGResult.replicates`, :meth:`LieGGResult.summary`); no extra
+            forward.
     """
     _check_model(model)
     _check_images(x)
@@ -554,37 +824,49 @@ def liegg(
         raise TypeError(f"layer must be a layer name (str) or None, got {type(layer).__name__}")
     if not isinstance(translations, bool):
         raise TypeError(f"translations must be a bool, got {translations!r}")
+    if output not in LIEGG_OUTPUTS:
+        raise ValueError(f"output must be one of {LIEGG_OUTPUTS}, got {output!r}")
     layers = _normalise_layers(model, layer, "layer")
     k = 6 if translations else 4
     basis = _BASIS[:k]
-    fn = _layer_function(model, layers)
+    fn = _output_function(_layer_function(model, layers), output)
+    n = x.shape[0]
+    blocks = _check_blocks(blocks, n)
+    bounds = block_bounds(n, blocks) if blocks is not None else [0, n]
     gram = torch.zeros(k, k, dtype=torch.float64)
-    rows, units, n = 0, 0, x.shape[0]
+    block_sums = torch.zeros(len(bounds) - 1, k, k, dtype=torch.float64)
+    block_rows = torch.zeros(len(bounds) - 1, dtype=torch.float64)
+    rows, units = 0, 0
     with torch.no_grad(), tqdm(total=n, desc="LieGG", unit="sample", disable=not progress) as bar:
         for start, stop in _batches(n, batch_size):
             xb = x[start:stop]
             _, jv = _jvp_many(fn, xb, tangents(xb, basis, fill))
-            e = jv[0].reshape(k, -1).double()  # [k, rows of this batch]
-            gram += e @ e.T
-            rows += e.shape[1]
-            units = e.shape[1] // (stop - start)
+            units = jv[0][0].reshape(stop - start, -1).shape[1]
+            e = jv[0].reshape(k, stop - start, units).double()  # [k, samples, units]
+            if blocks is None:
+                flat = e.reshape(k, -1)
+                gram += flat @ flat.T
+            else:
+                for b in range(len(bounds) - 1):  # the samples of this batch in block b
+                    lo, hi = max(start, bounds[b]), min(stop, bounds[b + 1])
+                    if lo < hi:
+                        part = e[:, lo - start:hi - start].reshape(k, -1)
+                        block_sums[b] += part @ part.T
+                        block_rows[b] += part.shape[1]
+            rows += e.shape[1] * e.shape[2]
             bar.update(stop - start)
+    if blocks is not None:
+        gram = block_sums.sum(0)
     gram /= rows
     gram = (gram + gram.T) / 2
-    values, vectors = torch.linalg.eigh(gram)
-    vectors = vectors.T  # [k generators, k coefficients]
-    # Deterministic sign: the entry of largest magnitude (first one within 1e-9) positive.
-    for i in range(k):
-        mag = vectors[i].abs()
-        j = int(torch.nonzero(mag >= mag.max() - 1e-9)[0])
-        if vectors[i, j] < 0:
-            vectors[i] = -vectors[i]
-    if translations:
-        gens = torch.stack([vectors[:, [0, 1, 4]], vectors[:, [2, 3, 5]]], dim=1)  # [k, 2, 3]
-    else:
-        gens = vectors.reshape(k, 2, 2)
+    values, gens, bias = _eigen(gram, translations)
+    block_grams = None
+    if blocks is not None:
+        rest = (block_sums.sum(0, keepdim=True) - block_sums) / (rows - block_rows).reshape(-1, 1, 1)
+        block_grams = (rest + rest.transpose(1, 2)) / 2
     return LieGGResult(
         gram=gram, symmetry_variance=values,
-        generators=gens, symmetry_bias=symmetry_bias(gens), n=n, units=units,
-        basis=_BASIS_NAMES[:k], layer=layer or OUTPUT,
+        generators=gens, symmetry_bias=bias, n=n, units=units,
+        basis=_BASIS_NAMES[:k], layer=layer or OUTPUT, output=output,
+        image_size=(int(x.shape[-2]), int(x.shape[-1])), block_grams=block_grams,
     )

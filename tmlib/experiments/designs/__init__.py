@@ -11,13 +11,15 @@ from collections.abc import Callable
 from typing import Any
 
 from ..design import Design
-from . import quiroga
+from . import lie, quiroga
 
 __all__ = ["DESIGNS", "design"]
 
 DESIGNS: dict[str, Callable[..., Design]] = {
     "00_quickstart": quiroga.quickstart,
     "01_validation": quiroga.validation,
+    "10_liegg": lie.liegg,
+    "11_lie_derivative": lie.lie_derivative,
 }
 
 
