@@ -143,3 +143,22 @@ def test_training_images_are_the_models_training_images():
     flat, held_flat = upright.flatten(1), held_x.flatten(1)
     assert not any(bool((held_flat == row).all(1).any()) for row in flat[:50])
     assert len(fill) == 1
+
+
+def test_directional_claim_asserts_what_the_data_show(tmp_path):
+    from tmlib.experiments import Claims
+    from tmlib.experiments.symmetry import directional_claim
+
+    claims = Claims("x", "quick", tmp_path, enforce=True)
+    supported = directional_claim(claims, "M22", "deeper → lower", Estimate(-1.0, 0.1, 10))
+    against = directional_claim(claims, "M22", "deeper → lower", Estimate(1.0, 0.1, 10))
+    unclear = directional_claim(claims, "M22", "deeper → lower", Estimate(0.05, 0.1, 10))
+    positive = directional_claim(claims, "G23", "more → higher", Estimate(1.0, 0.1, 10), expected="positive",
+                                 verdict="partly")
+    assert (supported.claim, supported.verdict) == ("deeper → lower", "reproduced")
+    assert "contradicted" in against.claim and against.verdict == "not reproduced"
+    assert "not detected" in unclear.claim and unclear.verdict == "not reproduced"
+    assert positive.verdict == "partly" and positive.claim == "more → higher"
+    assert all(c.holds for c in claims.claims) and len(claims.finish()) == 4
+    with pytest.raises(ValueError, match="expected"):
+        directional_claim(claims, "M22", "x", Estimate(0, 1, 1), expected="down")

@@ -40,7 +40,10 @@ generators are pushed through one run with :func:`torch.func.vmap` over the tang
 is computed once), with a plain loop as fallback.
 
 LEE (Gruver et al. 2023): ``E_x mean_units (L_h f(x))²`` — the *squared* Lie derivative, averaged
-over the units of the layer, then over the samples. Never ``|L_h f|``.
+over the units of the layer, then over the samples. Never ``|L_h f|``. :func:`lee` returns the tidy
+frame and, per generator, :class:`~tmlib.results.MeasureResult` views (per-unit LEE, and LEE relative
+to the layer's variance over the samples), with ``blocks=K`` a delete-one-block jackknife of both at
+no extra forward (:func:`lie_equivariance_error` returns the frame alone).
 
 LieGG (Moskalev et al. 2022): one row per (sample, output unit) of ``(L_{h_1} f, ..., L_{h_k} f)``
 for the basis ``E11, E12, E21, E22`` of gl(2) (plus the two translations on request). The Gram
@@ -49,6 +52,11 @@ matrix ``G = mean over rows of rowᵀrow`` is streamed over batches; for any gen
 basis generator k. The eigenvalues of G (ascending) are the *symmetry variances* of its
 eigen-generators (eigenvectors reshaped to 2×2, unit Frobenius norm); ~0 means a learned
 symmetry. The *symmetry bias* of a unit-norm h is ``‖(h + hᵀ)/2‖_F`` (0 = pure rotation).
+``output="normalised"`` differentiates the L2-normalised output instead (scale-free: networks whose
+outputs differ in size compare), ``"normalised-sum"`` the sum of it, one row per sample (what LieGG's
+public code does; :attr:`LieGGResult.pixel_scale` converts to its per-pixel gradient units);
+``blocks=K`` keeps per-block Gram matrices for a jackknife; :meth:`LieGGResult.summary` is the row a
+table of models needs.
 """
 
 from __future__ import annotations

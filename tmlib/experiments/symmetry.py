@@ -7,6 +7,8 @@ polarization matrix is computed on, jackknives of LieGG numbers, and trends over
 * :func:`liegg_jack`: a scalar of :meth:`tmlib.lie.LieGGResult.summary` as a
   :class:`~tmlib.experiments.analysis.Jack` (value and delete-one-block replicates), so that a
   difference between two models measured on the same images has a jackknife SE.
+* :func:`directional_claim`: a claim whose sign the paper predicts, asserted as what the data show
+  (supported, contradicted, or not detected), with the verdict that follows.
 * :func:`sweep_trend`: an ordinary least-squares fit of a number over a sweep of architectures
   (e.g. ``log10 variance ~ depth + log2 width``): each slope with its standard error, t interval
   and degrees of freedom (:class:`~tmlib.experiments.analysis.Estimate`).
@@ -26,7 +28,7 @@ from ..paths import resolve
 from .analysis import Estimate, Jack, seed_mean
 from .profiles import augmentation_set
 
-__all__ = ["liegg_jack", "seed_profile", "sweep_trend", "training_images"]
+__all__ = ["directional_claim", "liegg_jack", "seed_profile", "sweep_trend", "training_images"]
 
 # Seed of the transformation drawn for each image of :func:`training_images` (fixed for every model).
 _DRAW_SEED = 20221009
@@ -119,3 +121,27 @@ def sweep_trend(frame: pd.DataFrame, y: str, x: Sequence[str] = ("depth", "log2 
     else:
         se = np.full(p, np.nan)
     return {term: Estimate(float(coef[i + 1]), float(se[i + 1]), float(dof)) for i, term in enumerate(columns)}
+
+
+def directional_claim(claims: Any, paper: str, statement: str, estimate: Estimate, expected: str = "negative",
+                      verdict: str | None = None) -> Any:
+    """Add to ``claims`` (a :class:`~tmlib.experiments.claims.Claims`) the claim ``statement`` about an
+    effect whose sign the paper predicts (``expected``: ``"negative"`` or ``"positive"``), as what
+    the 95 % interval of ``estimate`` shows: on the predicted side of 0 → the statement itself
+    (verdict "reproduced"); on the other side → contradicted; containing 0 → not detected (both
+    "not reproduced"). The claim asserted is always the one the data support, so it holds; the
+    verdict records whether the paper's claim did. ``verdict`` overrides the verdict."""
+    if expected not in ("negative", "positive"):
+        raise ValueError(f"expected must be 'negative' or 'positive', got {expected!r}")
+    low, high = estimate.low, estimate.high
+    supported = high < 0 if expected == "negative" else low > 0
+    contradicted = low > 0 if expected == "negative" else high < 0
+    if supported:
+        text, holds, default = statement, True, "reproduced"
+    elif contradicted:
+        text, holds, default = f"{statement} — contradicted: the 95 % interval excludes 0 on the other side", True, \
+            "not reproduced"
+    else:
+        text, holds, default = f"{statement} — not detected: the 95 % interval contains 0", bool(low <= 0 <= high), \
+            "not reproduced"
+    return claims.add(paper, text, estimate.value, low, high, holds=holds, verdict=verdict or default)
