@@ -86,6 +86,8 @@ def test_experiment_notebook(name, tmp_path):
         html = (tmp_path / "figures" / "12_explorer.html").read_text()
         assert html.count('src="data:image/png;base64,') == len(SMALLEST[name]["report_layers"])
         assert "https://" not in html.split("<style")[0] and "<script src=" not in html
+    if name in ("10_liegg", "11_lie_derivative"):
+        _check_lie_notebook(name, tmp_path / "figures")
     frame = pd.read_csv(tmp_path / "figures" / FIGURES[name][1]) if FIGURES[name][1].endswith(".csv") else None
     if frame is not None:
         assert {"layer", "value"} <= set(frame.columns) or {"n", "m", "NV"} <= set(frame.columns)
@@ -135,3 +137,30 @@ def test_quickstart_notebook(tmp_path):
     summary = json.loads((tmp_path / "results" / "summaries" / "quick-00_quickstart.json").read_text())
     assert summary["key"] == "NV drop, last 4 layers" and isinstance(summary["value"], float)
     assert len(list((tmp_path / "models").glob("SimpleConv-*.pt"))) == 2
+
+
+def _check_lie_notebook(name, figures):
+    """Numbers and shapes of notebooks 10 and 11 at their smallest parameters."""
+    claims = pd.read_csv(figures / "claims.csv")
+    mine = claims[claims["notebook"] == name]
+    if name == "10_liegg":
+        table = pd.read_csv(figures / "10_liegg.csv")
+        # 2 depths × 2 widths × (rotation, upright, untrained), and a second seed of the reference 2×16.
+        assert len(table) == 2 * 2 * 3 + 2 and set(table["training"]) == {"rotation", "none", "untrained"}
+        assert table["symmetry_variance"].gt(0).all() and table["symmetry_bias"].between(0, 1).all()
+        assert (table["symmetry_variance_low"] <= table["symmetry_variance_high"]).all()
+        reference = table[(table["depth"] == 2) & (table["width"] == 16) & (table["training"] != "none")]
+        assert reference["published-style pixel_variance"].gt(0).all() and len(reference) == 4
+        assert len(pd.read_csv(figures / "10_liegg_trends.csv")) == 7 * 2
+        assert len(pd.read_csv(figures / "10_liegg_published.csv")) == 5
+        assert len(mine) == 4 + 8 + 2
+    else:
+        frame = pd.read_csv(figures / "11_lie_derivative.csv")
+        assert set(frame["training"]) == {"untrained", "no augmentation", "rotation augmentation"}
+        assert set(frame["seed"]) == {0, 1} and frame["generator"].nunique() == 5
+        assert frame["layer"].nunique() == 15 and {"index", "depth", "relative_low", "relative_high"} <= set(frame)
+        assert (frame["low"] <= frame["value"]).all() and (frame["value"] <= frame["high"]).all()
+        profiles = pd.read_csv(figures / "11_lie_derivative_profiles.csv")
+        assert len(profiles) == 5 * 2 * 3 * 15 and {"layer", "index", "depth", "value", "low", "high", "label"} <= set(profiles)
+        assert len(pd.read_csv(figures / "11_finite_rotations.csv")) == 6 * 3
+        assert len(mine) == 2 + 1 + 4 + 1
