@@ -29,10 +29,10 @@ SMALLEST = {
     "07_measure_comparison": {**TINY, "firing_rates": [0.1], "n_seeds": 2, "blocks": 2},
     "08_same_equivariance": {**TINY, "transformations": ["rotation", "translation"], "n_seeds": 2, "blocks": 2},
     "09_kvinge": {**TINY, "n_seeds": 2, "steerable_fields": [2, 2, 4]},
-    "10_liegg": {"n_train": 300, "epochs": 1, "n_samples": 8, "depths": [1], "widths": [16],
-                 "cnn_options": {"filters": 2, "fc_units": 8}, "check_claims": False, "progress": False},
-    "11_lie_derivative": {"n_train": 200, "epochs": 1, "n_samples": 8, "n_test": 100, "check_claims": False,
-                          "progress": False},
+    "10_liegg": {"n_train": 300, "epochs": 1, "n_samples": 20, "n_test": 100, "depths": [1, 2], "widths": [8, 16],
+                 "reference": [2, 16], "n_seeds_reference": 2, "check_claims": False, "progress": False},
+    "11_lie_derivative": {"n_train": 200, "epochs": 1, "n_samples": 20, "n_test": 100, "n_seeds": 2,
+                          "check_claims": False, "progress": False},
     "12_explorer": {"n_train": 200, "epochs": 1, "n_samples": 20, "n_rotations": 4, "max_st_samples": 8,
                     "report_layers": ["conv0", "fc1"], "check_claims": False, "progress": False},
 }
@@ -133,6 +133,8 @@ def test_experiment_notebook(name, tmp_path):
         assert "https://" not in html.split("<style")[0] and "<script src=" not in html
     if name in MEASUREMENT_CHECKS:
         MEASUREMENT_CHECKS[name](tmp_path / "figures")
+    if name in ("10_liegg", "11_lie_derivative"):
+        _check_lie_notebook(name, tmp_path / "figures")
     frame = pd.read_csv(tmp_path / "figures" / FIGURES[name][1]) if FIGURES[name][1].endswith(".csv") else None
     if frame is not None:
         assert {"layer", "value"} <= set(frame.columns) or {"n", "m", "NV"} <= set(frame.columns)
@@ -215,3 +217,30 @@ def test_quickstart_notebook(tmp_path):
     assert summary["key"] == "last-quarter NV, augmented − plain" and isinstance(summary["value"], float)
     assert len(list((tmp_path / "models").glob("SimpleConv-*.pt"))) == 2
     _check_records("00_quickstart", tmp_path / "figures")
+
+
+def _check_lie_notebook(name, figures):
+    """Numbers and shapes of notebooks 10 and 11 at their smallest parameters."""
+    claims = pd.read_csv(figures / "claims.csv")
+    mine = claims[claims["notebook"] == name]
+    if name == "10_liegg":
+        table = pd.read_csv(figures / "10_liegg.csv")
+        # 2 depths × 2 widths × (rotation, upright, untrained), and a second seed of the reference 2×16.
+        assert len(table) == 2 * 2 * 3 + 2 and set(table["training"]) == {"rotation", "none", "untrained"}
+        assert table["symmetry_variance"].gt(0).all() and table["symmetry_bias"].between(0, 1).all()
+        assert (table["symmetry_variance_low"] <= table["symmetry_variance_high"]).all()
+        reference = table[(table["depth"] == 2) & (table["width"] == 16) & (table["training"] != "none")]
+        assert reference["published-style pixel_variance"].gt(0).all() and len(reference) == 4
+        assert len(pd.read_csv(figures / "10_liegg_trends.csv")) == 7 * 2
+        assert len(pd.read_csv(figures / "10_liegg_published.csv")) == 5
+        assert len(mine) == 4 + 8 + 2
+    else:
+        frame = pd.read_csv(figures / "11_lie_derivative.csv")
+        assert set(frame["training"]) == {"untrained", "no augmentation", "rotation augmentation"}
+        assert set(frame["seed"]) == {0, 1} and frame["generator"].nunique() == 5
+        assert frame["layer"].nunique() == 15 and {"index", "depth", "relative_low", "relative_high"} <= set(frame)
+        assert (frame["low"] <= frame["value"]).all() and (frame["value"] <= frame["high"]).all()
+        profiles = pd.read_csv(figures / "11_lie_derivative_profiles.csv")
+        assert len(profiles) == 5 * 2 * 3 * 15 and {"layer", "index", "depth", "value", "low", "high", "label"} <= set(profiles)
+        assert len(pd.read_csv(figures / "11_finite_rotations.csv")) == 6 * 3
+        assert len(mine) == 2 + 1 + 4 + 1

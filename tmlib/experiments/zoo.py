@@ -124,8 +124,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     info = data.describe(spec.dataset)
     torch.manual_seed(spec.init_seed)
     kwargs = dict(spec.options)
-    if spec.architecture != "MLP":
-        kwargs.setdefault("image_size", info["size"])
+    kwargs.setdefault("image_size", info["size"])  # every registered model takes it (the MLP too)
     return models.build(
         spec.architecture,
         in_channels=info["channels"],

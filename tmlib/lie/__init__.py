@@ -1,7 +1,8 @@
 """Infinitesimal invariance and equivariance: Lie derivatives (LEE) and LieGG.
 
-Three modules: :mod:`~tmlib.lie.tangents` (generators, tangents, warps by exp(θh)),
-:mod:`~tmlib.lie.derivative` (the forward-mode engine, the LEE) and :mod:`~tmlib.lie.liegg`.
+Four modules: :mod:`~tmlib.lie.tangents` (generators, tangents, warps by exp(θh)),
+:mod:`~tmlib.lie.derivative` (the forward-mode engine), :mod:`~tmlib.lie.lee` (the LEE) and
+:mod:`~tmlib.lie.liegg`.
 
 Conventions are those of :mod:`tmlib.transforms`: normalised coordinates u = (x, y), x to the right
 and y *down*, both in [-1, 1] over the image with the origin at the image centre (pixel centre j
@@ -43,7 +44,10 @@ generators are pushed through one run with :func:`torch.func.vmap` over the tang
 is computed once), with a plain loop as fallback.
 
 LEE (Gruver et al. 2023): ``E_x mean_units (L_h f(x))²`` — the *squared* Lie derivative, averaged
-over the units of the layer, then over the samples. Never ``|L_h f|``.
+over the units of the layer, then over the samples. Never ``|L_h f|``. :func:`lee` returns the tidy
+frame and, per generator, :class:`~tmlib.results.MeasureResult` views (per-unit LEE, and LEE relative
+to the layer's variance over the samples), with ``blocks=K`` a delete-one-block jackknife of both at
+no extra forward (:func:`lie_equivariance_error` returns the frame alone).
 
 LieGG (Moskalev et al. 2022): one row per (sample, output unit) of ``(L_{h_1} f, ..., L_{h_k} f)``
 for the basis ``E11, E12, E21, E22`` of gl(2) (plus the two translations on request). The Gram
@@ -52,10 +56,16 @@ matrix ``G = mean over rows of rowᵀrow`` is streamed over batches; for any gen
 basis generator k. The eigenvalues of G (ascending) are the *symmetry variances* of its
 eigen-generators (eigenvectors reshaped to 2×2, unit Frobenius norm); ~0 means a learned
 symmetry. The *symmetry bias* of a unit-norm h is ``‖(h + hᵀ)/2‖_F`` (0 = pure rotation).
+``output="normalised"`` differentiates the L2-normalised output instead (scale-free: networks whose
+outputs differ in size compare), ``"normalised-sum"`` the sum of it, one row per sample (what LieGG's
+public code does; :attr:`LieGGResult.pixel_scale` converts to its per-pixel gradient units);
+``blocks=K`` keeps per-block Gram matrices for a jackknife; :meth:`LieGGResult.summary` is the row a
+table of models needs.
 """
 
-from .derivative import lie_derivative, lie_equivariance_error
-from .liegg import LieGGResult, liegg
+from .derivative import lie_derivative
+from .lee import LEEResult, lee, lie_equivariance_error
+from .liegg import LIEGG_OUTPUTS, LieGGResult, liegg
 from .tangents import (
     GENERATORS,
     LEE_NORMALISATION,
@@ -71,10 +81,13 @@ from .tangents import (
 __all__ = [
     "GENERATORS",
     "LEE_NORMALISATION",
+    "LIEGG_OUTPUTS",
     "OUTPUT",
+    "LEEResult",
     "LieGGResult",
     "generator_matrix",
     "image_gradient",
+    "lee",
     "lie_derivative",
     "lie_equivariance_error",
     "liegg",

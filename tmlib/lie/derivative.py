@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..activations import LayerObserver
 from ..checks import check_images, check_int
-from ..measures.states import ShiftedMoments
 from .tangents import LEE_NORMALISATION, OUTPUT, check_model, generator_list, generator_matrix, tangents
 
-__all__ = ["batches", "jvp_many", "layer_function", "lie_derivative", "lie_equivariance_error", "normalise_layers"]
+__all__ = ["batches", "default_layers", "equivariant_correction", "jvp_many", "layer_function", "lie_derivative", "normalise_layers"]
 
-def _default_layers(model: Any) -> list[str]:
+
+def default_layers(model: Any) -> list[str]:
     names = getattr(model, "layer_names", None)
     if callable(names):
         return list(names())
@@ -87,7 +85,7 @@ def jvp_many(fn: Callable, x: torch.Tensor, vs: torch.Tensor, vectorize: bool = 
     return primal, tuple(torch.stack([o[1][i] for o in outs]) for i in range(len(primal)))
 
 
-def _equivariant_correction(out: torch.Tensor, gens: torch.Tensor, fill: Any) -> torch.Tensor | None:
+def equivariant_correction(out: torch.Tensor, gens: torch.Tensor, fill: Any) -> torch.Tensor | None:
     """Tangent of the output action on an image-shaped layer output [b, C, H, W]: [k, b, C, H, W]."""
     if out.dim() != 4:
         return None
@@ -129,7 +127,7 @@ def lie_derivative(
         primal, jv = jvp_many(layer_function(model, layers), x, vs)
         out = jv[0][0]
         if equivariant:
-            corr = _equivariant_correction(primal[0], gens, fill)
+            corr = equivariant_correction(primal[0], gens, fill)
             if corr is not None:
                 out = out - corr[0]
     return out
@@ -138,80 +136,3 @@ def lie_derivative(
 def batches(n: int, batch_size: int):
     for start in range(0, n, batch_size):
         yield start, min(n, start + batch_size)
-
-
-def lie_equivariance_error(
-    model: Callable,
-    x: torch.Tensor,
-    generators: Any = ("rotation", "scale", "shear_x", "shear_y", "stretch", "translation_x", "translation_y"),
-    layers: Sequence[str] | str | None = None,
-    batch_size: int = 64,
-    fill: Any = None,
-    equivariant: bool = False,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """LEE of every requested layer along every generator, in one forward-mode run per batch.
-
-    Args:
-        generators: names, matrices, a list of them or a dict name → matrix.
-        layers: layer names (module paths, ``"output"``); None = ``model.layer_names()`` if the
-            model has it, else the output.
-        equivariant: see :func:`lie_derivative` (image-shaped layers only).
-
-    Returns:
-        Tidy DataFrame, one row per (layer, generator) in forward order, columns ``layer``,
-        ``generator``, ``value`` (mean over samples of the mean over units of (L_h f)²), ``sem``
-        (standard error over samples of that per-sample mean), ``variance`` (mean over units of
-        the variance of f over the samples), ``relative`` (value / variance: scale-free, for
-        comparing models whose outputs differ in size, e.g. trained vs untrained), ``n``
-        (samples), ``units``, ``kind`` (invariance/equivariance), ``normalisation``.
-    """
-    check_model(model)
-    check_images(x, allow_empty=False)
-    batch_size = check_int("batch_size", batch_size, 1)
-    names, gens = generator_list(generators)
-    layers = _default_layers(model) if layers is None else layers
-    layers = normalise_layers(model, layers, "layers")
-    fn = layer_function(model, layers)
-    per_sample: list[list[list[torch.Tensor]]] = [[[] for _ in names] for _ in layers]
-    units = [0] * len(layers)
-    kinds = ["invariance"] * len(layers)
-    moments: list[ShiftedMoments | None] = [None] * len(layers)  # per layer: f's moments per unit
-    n = x.shape[0]
-    with torch.no_grad(), tqdm(total=n, desc="LEE", unit="sample", disable=not progress) as bar:
-        for start, stop in batches(n, batch_size):
-            xb = x[start:stop]
-            vs = tangents(xb, gens, fill)
-            primal, jv = jvp_many(fn, xb, vs)
-            for i, (p, d) in enumerate(zip(primal, jv)):
-                flat = p.reshape(stop - start, -1)
-                if moments[i] is None:
-                    moments[i] = ShiftedMoments((flat.shape[1],), flat.device)
-                moments[i].update(flat)
-                if equivariant:
-                    corr = _equivariant_correction(p, gens, fill)
-                    if corr is not None:
-                        d = d - corr
-                        kinds[i] = "equivariance"
-                d = d.reshape(len(names), stop - start, -1).double()
-                units[i] = d.shape[-1]
-                sq = (d**2).mean(dim=-1)  # [k, b]: mean over units per sample
-                for g in range(len(names)):
-                    per_sample[i][g].append(sq[g])
-            bar.update(stop - start)
-    rows = []
-    for i, layer in enumerate(layers):
-        # Mean over units of the unbiased variance over samples (shifted, exact moments; 0 for n = 1).
-        variance = float(moments[i].variance().mean()) if n > 1 else 0.0
-        for g, gname in enumerate(names):
-            values = torch.cat(per_sample[i][g])
-            value = float(values.mean())
-            sem = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-            relative = value / variance if variance > 0 else float("nan")
-            rows.append({"layer": layer, "generator": gname, "value": value, "sem": sem, "relative": relative,
-                         "variance": variance, "n": n, "units": units[i], "kind": kinds[i],
-                         "normalisation": LEE_NORMALISATION})
-    return pd.DataFrame(rows)
-
-
-# ---------------------------------------------------------------------------------- LieGG

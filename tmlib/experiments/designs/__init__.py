@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..design import Design
-from . import kvinge, measurement, quiroga
+from . import kvinge, lie, measurement, quiroga
 
 __all__ = ["DESIGNS", "design"]
 
@@ -26,6 +26,8 @@ DESIGNS: dict[str, Callable[..., Design]] = {
     "07_measure_comparison": measurement.measure_comparison,
     "08_same_equivariance": measurement.same_equivariance,
     "09_kvinge": kvinge.kvinge,
+    "10_liegg": lie.liegg,
+    "11_lie_derivative": lie.lie_derivative,
 }
 
 
