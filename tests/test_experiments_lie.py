@@ -162,3 +162,18 @@ def test_directional_claim_asserts_what_the_data_show(tmp_path):
     assert all(c.holds for c in claims.claims) and len(claims.finish()) == 4
     with pytest.raises(ValueError, match="expected"):
         directional_claim(claims, "M22", "x", Estimate(0, 1, 1), expected="down")
+
+
+def test_a_directional_claim_fixed_by_the_reference_run_fails_when_the_outcome_changes(tmp_path):
+    from tmlib.experiments import ClaimError, Claims, outcome
+
+    claims = Claims("x", "quick", tmp_path, enforce=True)
+    same = claims.directional("M22", "deeper → lower", Estimate(-1.0, 0.1, 10), observed="negative")
+    changed = claims.directional("M22", "wider → lower", Estimate(0.05, 0.1, 10), observed="negative")
+    assert same.holds and not changed.holds and "reference run found: negative" in changed.claim
+    assert outcome(-2, -1) == "negative" and outcome(1, 2) == "positive" and outcome(-1, 1) == "none"
+    assert outcome(float("nan"), 1) == "none"
+    with pytest.raises(ClaimError, match="wider"):
+        claims.finish()
+    with pytest.raises(ValueError, match="observed"):
+        claims.directional("M22", "x", Estimate(0, 1, 1), observed="down")

@@ -33,7 +33,7 @@ SMALLEST = {
                  "reference": [2, 16], "n_seeds_reference": 2, "check_claims": False, "progress": False},
     "11_lie_derivative": {"n_train": 200, "epochs": 1, "n_samples": 20, "n_test": 100, "n_seeds": 2,
                           "check_claims": False, "progress": False},
-    "12_explorer": {"n_train": 200, "epochs": 1, "n_samples": 20, "n_rotations": 4, "max_st_samples": 8,
+    "12_explorer": {"n_train": 200, "epochs": 1, "n_samples": 20, "n_test": 100, "n_rotations": 4, "max_st_samples": 8,
                     "report_layers": ["conv0", "fc1"], "check_claims": False, "progress": False},
 }
 

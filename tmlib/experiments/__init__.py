@@ -18,7 +18,7 @@ from .analysis import (
     seed_spread,
     spread_ratio,
 )
-from .claims import ClaimError, Claims, claims_markdown, format_interval
+from .claims import OUTCOMES, ClaimError, Claims, claims_markdown, format_interval, outcome
 from .design import Design, Measurement
 from .designs import DESIGNS, design
 from .measuring import Timer, accuracy_table, geed_measures, measure, measure_geed, tidy, variance_measures
@@ -53,6 +53,7 @@ __all__ = [
     "FLOORS",
     "PROFILES",
     "TRANSFORMATIONS",
+    "OUTCOMES",
     "ClaimError",
     "Claims",
     "Design",
@@ -75,6 +76,7 @@ __all__ = [
     "first_quarter",
     "floor_for",
     "format_interval",
+    "outcome",
     "geed_measures",
     "last_quarter",
     "measure",

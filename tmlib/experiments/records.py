@@ -49,11 +49,15 @@ def provenance(profile: str) -> dict[str, str]:
             "profile": profile}
 
 
-def save_csv(frame: pd.DataFrame, path: str | os.PathLike, profile: str, index: bool = False) -> Path:
-    """Write ``frame`` with the provenance columns, atomically, readable by everyone (0644)."""
+def save_csv(frame: pd.DataFrame, path: str | os.PathLike, profile: str, index: bool = False,
+             keep: bool = False) -> Path:
+    """Write ``frame`` with the provenance columns, atomically, readable by everyone (0644).
+
+    ``keep``: rows that already carry provenance (a table merged from several runs, such as
+    ``models.csv`` or ``claims.csv``) keep theirs; only new rows get this run's."""
     out = frame.copy()
     for key, value in provenance(profile).items():
-        out[key] = value
+        out[key] = out[key].where(out[key].notna(), value) if keep and key in out else value
     path = resolve(path)
 
     def write(tmp: str) -> None:
@@ -118,10 +122,10 @@ def record_models(notebook: str, models: dict[str, nn.Module], figures_dir: str 
     with _locked(path):
         if path.exists():
             old = pd.read_csv(path)
-            old = old[old["notebook"] != notebook].drop(columns=[c for c in provenance(profile) if c in old])
+            old = old[old["notebook"] != notebook]
             rows = pd.concat([old, rows], ignore_index=True) if len(old) else rows
         rows = rows.sort_values(["notebook", "model"], kind="stable").reset_index(drop=True)
-        return save_csv(rows, path, profile)
+        return save_csv(rows, path, profile, keep=True)
 
 
 def check_floors(models: dict[str, nn.Module], enforce: bool = True) -> pd.DataFrame:

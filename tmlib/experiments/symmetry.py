@@ -124,24 +124,6 @@ def sweep_trend(frame: pd.DataFrame, y: str, x: Sequence[str] = ("depth", "log2 
 
 
 def directional_claim(claims: Any, paper: str, statement: str, estimate: Estimate, expected: str = "negative",
-                      verdict: str | None = None) -> Any:
-    """Add to ``claims`` (a :class:`~tmlib.experiments.claims.Claims`) the claim ``statement`` about an
-    effect whose sign the paper predicts (``expected``: ``"negative"`` or ``"positive"``), as what
-    the 95 % interval of ``estimate`` shows: on the predicted side of 0 → the statement itself
-    (verdict "reproduced"); on the other side → contradicted; containing 0 → not detected (both
-    "not reproduced"). The claim asserted is always the one the data support, so it holds; the
-    verdict records whether the paper's claim did. ``verdict`` overrides the verdict."""
-    if expected not in ("negative", "positive"):
-        raise ValueError(f"expected must be 'negative' or 'positive', got {expected!r}")
-    low, high = estimate.low, estimate.high
-    supported = high < 0 if expected == "negative" else low > 0
-    contradicted = low > 0 if expected == "negative" else high < 0
-    if supported:
-        text, holds, default = statement, True, "reproduced"
-    elif contradicted:
-        text, holds, default = f"{statement} — contradicted: the 95 % interval excludes 0 on the other side", True, \
-            "not reproduced"
-    else:
-        text, holds, default = f"{statement} — not detected: the 95 % interval contains 0", bool(low <= 0 <= high), \
-            "not reproduced"
-    return claims.add(paper, text, estimate.value, low, high, holds=holds, verdict=verdict or default)
+                      verdict: str | None = None, observed: str | None = None) -> Any:
+    """:meth:`tmlib.experiments.claims.Claims.directional` (kept under this name for the notebooks)."""
+    return claims.directional(paper, statement, estimate, expected, observed, verdict)

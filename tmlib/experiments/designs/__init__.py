@@ -26,6 +26,7 @@ DESIGNS: dict[str, Callable[..., Design]] = {
     "07_measure_comparison": measurement.measure_comparison,
     "08_same_equivariance": measurement.same_equivariance,
     "09_kvinge": kvinge.kvinge,
+    "12_explorer": quiroga.explorer,
     "10_liegg": lie.liegg,
     "11_lie_derivative": lie.lie_derivative,
 }

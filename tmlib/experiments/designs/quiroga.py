@@ -41,6 +41,17 @@ def quickstart(profile: str = "quick", n_rotations: int = 16, n_samples: int | N
     return d
 
 
+def explorer(profile: str = "quick", n_rotations: int = 16, n_samples: int | None = None,
+             n_train: int | None = None, epochs: int | None = None, n_test: int | None = None, seed: int = 0,
+             **_: Any) -> Design:
+    """Notebook 12's checkpoints: the quickstart's three SimpleConvs (one cached model each), and
+    the NV of each under ``n_rotations`` rotations with jackknife blocks for its claim (the
+    explorer itself computes its own pass)."""
+    d = quickstart(profile, n_rotations, n_samples, n_train, epochs, n_test, seed)
+    d.notebook = "12_explorer"
+    return d
+
+
 def validation(profile: str = "quick", transformations: list[str] | None = None, n_seeds: int | None = None,
                n_samples: int | None = None, n_train: int | None = None, epochs: int | None = None, n_test: int | None = None, seed: int = 0,
                **_: Any) -> Design:
