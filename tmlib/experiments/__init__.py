@@ -34,7 +34,7 @@ from .profiles import (
     ranged_set,
     settings,
 )
-from .records import FloorError, check_floors, model_rows, provenance, record_models, save_csv
+from .records import FloorError, check_floors, model_rows, models_markdown, provenance, record_models, save_csv
 from .zoo import (
     ModelSpec,
     build_model,
@@ -83,6 +83,7 @@ __all__ = [
     "measure_geed",
     "measurement_set",
     "model_rows",
+    "models_markdown",
     "profile_settings",
     "profile_distance",
     "provenance",

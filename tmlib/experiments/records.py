@@ -22,7 +22,7 @@ from torch import nn
 from ..paths import project_root, resolve
 from ..results import atomic_write
 
-__all__ = ["FloorError", "check_floors", "model_rows", "provenance", "record_models", "save_csv"]
+__all__ = ["FloorError", "check_floors", "model_rows", "models_markdown", "provenance", "record_models", "save_csv"]
 
 MODELS_CSV = "models.csv"
 
@@ -95,6 +95,7 @@ def model_rows(notebook: str, models: dict[str, nn.Module]) -> pd.DataFrame:
             "metric": evaluation.get("metric"),
             "accuracy_upright": evaluation.get("upright"),
             "accuracy_transformed": evaluation.get("transformed"),
+            "accuracy": evaluation.get("own"),  # the one the floor applies to (its own distribution)
             "floor": evaluation.get("floor"),
             "met": evaluation.get("met"),
             "n_test": evaluation.get("n_test"),
@@ -134,7 +135,7 @@ def check_floors(models: dict[str, nn.Module], enforce: bool = True) -> pd.DataF
     table = model_rows("", models)
     if table.empty:
         return table
-    table = table[["model", "metric", "accuracy_upright", "accuracy_transformed", "floor", "met", "epochs",
+    table = table[["model", "metric", "accuracy", "accuracy_upright", "accuracy_transformed", "floor", "met", "epochs",
                    "stopped"]].set_index("model")
     missed = table[table["met"] == False]  # noqa: E712 - None (no floor) is neither
     if enforce and len(missed):
@@ -145,4 +146,27 @@ def check_floors(models: dict[str, nn.Module], enforce: bool = True) -> pd.DataF
 
 
 def _own(row: Any) -> float:
+    """The accuracy (or error, for regressors) the model's floor applies to."""
+    if "accuracy" in row and pd.notna(row["accuracy"]):
+        return row["accuracy"]
     return row["accuracy_transformed"] if pd.notna(row["accuracy_transformed"]) else row["accuracy_upright"]
+
+
+def models_markdown(figures_dir: str | os.PathLike = "figures") -> str:
+    """The README's table of the models' accuracies, from ``models.csv``: one row per (architecture,
+    dataset, augmentation, task) with the number of distinct models, the range of the accuracy the
+    floor applies to, the floor and how many met it."""
+    frame = pd.read_csv(resolve(figures_dir) / MODELS_CSV).drop_duplicates("checkpoint")
+    own = frame.apply(_own, axis=1)
+    frame = frame.assign(own=own)
+    lines = ["| architecture | dataset | augmentation | task | models | accuracy (metric of the floor) | floor | met |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (arch, dataset, augment, task), part in frame.groupby(["architecture", "dataset", "augmentation", "task"],
+                                                              sort=False):
+        met = part["met"].astype(str).str.lower().eq("true").sum()
+        floor = part["floor"].dropna()
+        low, high = part["own"].min(), part["own"].max()
+        accuracy = f"{low:.3f}" if low == high else f"{low:.3f}–{high:.3f}"
+        lines.append(f"| {arch} | {dataset} | {augment} | {task} | {len(part)} | {accuracy} ({part['metric'].iloc[0]}) | "
+                     f"{floor.iloc[0] if len(floor) else '—'} | {met}/{len(part)} |")
+    return "\n".join(lines)
