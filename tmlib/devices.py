@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["model_device", "placed", "resolve_device"]
+__all__ = ["model_device", "on_model_device", "placed", "resolve_device"]
 
 
 def model_device(model: nn.Module) -> torch.device | None:
@@ -24,6 +24,13 @@ def model_device(model: nn.Module) -> torch.device | None:
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return None
+
+
+def on_model_device(model: object, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the device of ``model``'s parameters (a model trained on a GPU is measured there);
+    unchanged for a plain function or a model without parameters."""
+    device = model_device(model) if isinstance(model, nn.Module) else None
+    return x if device is None else x.to(device)
 
 
 def resolve_device(device: Any, model: nn.Module | None = None, x: Any = None,

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import stats
 from ..checks import check_images, check_int
+from ..devices import on_model_device
 from ..engine import block_bounds
 from ..measures.states import ShiftedMoments
 from ..results import MeasureResult
@@ -135,6 +136,7 @@ def lee(
     check_images(x, allow_empty=False)
     batch_size = check_int("batch_size", batch_size, 1)
     names, gens = generator_list(generators)
+    x = on_model_device(model, x)
     layers = default_layers(model) if layers is None else layers
     layers = normalise_layers(model, layers, "layers")
     n = x.shape[0]

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_images, check_int
+from ..devices import on_model_device
 from ..engine import block_bounds
 from .derivative import batches, jvp_many, layer_function, normalise_layers
 from .lee import check_blocks, interval_columns
@@ -228,6 +229,7 @@ def liegg(
     if output not in LIEGG_OUTPUTS:
         raise ValueError(f"output must be one of {LIEGG_OUTPUTS}, got {output!r}")
     layers = normalise_layers(model, layer, "layer")
+    x = on_model_device(model, x)
     k = 6 if translations else 4
     basis = BASIS[:k]
     fn = _output_function(layer_function(model, layers), output)
