@@ -88,7 +88,8 @@ def kvinge(profile: str = "quick", parts: list[str] | None = None, n_seeds: int 
     group = "C4" if augment == "c4" else "D4"
     ts = getattr(transforms, augment)()
     steerable_fields_ = list(steerable_fields)
-    n_seeds = n_seeds if n_seeds is not None else s["seeds"]
+    # 2 seeds in the quick profile (its CPU budget: 7 models per seed with the fine-tuned ones).
+    n_seeds = n_seeds if n_seeds is not None else (2 if profile == "quick" else s["seeds"])
 
     def simpleconv(dataset: str, augmented: bool, k: int) -> ModelSpec:
         return ModelSpec.from_settings(s, architecture="SimpleConv", dataset=dataset,

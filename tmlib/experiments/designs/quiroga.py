@@ -244,6 +244,9 @@ def architecture(profile: str = "quick", variants: list[str] | None = None, n_se
     default = [v for v in ARCHITECTURE_VARIANTS if profile == "paper" or v != "kernel 7"]
     variants = list(variants or default)
     d = Design("06_architecture", s)
+    # Seven variants × seeds × (trained, untrained): 2 seeds in the quick profile (its CPU budget), the
+    # profile's seeds otherwise.
+    n_seeds = n_seeds if n_seeds is not None else (2 if profile == "quick" else None)
     d.settings.update(variants=variants)
     for name in variants:
         options = {**s["simpleconv"], **ARCHITECTURE_VARIANTS[name]}
