@@ -176,9 +176,10 @@ def train_all(profile: str = "quick", names: list[str] | None = None, jobs: int 
     else:
         import multiprocessing
 
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pending = {pool.submit(_train_job, spec, data_root, models_dir, device, threads, specs[spec]): spec
-                       for spec in ordered}
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+        pending = {pool.submit(_train_job, spec, data_root, models_dir, device, threads, specs[spec]): spec
+                   for spec in ordered}
+        try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -187,6 +188,12 @@ def train_all(profile: str = "quick", names: list[str] | None = None, jobs: int 
                         rows.append(_finished(spec, future.result(), len(rows) + 1, len(ordered)))
                     except Exception as error:  # the notebook will retrain it and fail with the message
                         print(f"  ! {spec.label()} seed {spec.init_seed}: {type(error).__name__}: {error}", flush=True)
+        except BaseException:
+            # Ctrl-C: stop the workers now (a model half-trained is not cached; finished ones are) and
+            # let the caller print its one line, instead of a traceback per worker.
+            _stop(pool)
+            raise
+        pool.shutdown()
     if later:
         from .experiments.zoo import fine_tuned_model
 
@@ -195,6 +202,14 @@ def train_all(profile: str = "quick", names: list[str] | None = None, jobs: int 
             print(f"  fine-tuned {spec.label()} from {source.dataset}: {model.evaluation}", flush=True)
     print(f"training stage done in {time.perf_counter() - start:.0f} s", flush=True)
     return pd.DataFrame(rows)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and terminate the running workers."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
 
 
 def _cuda() -> bool:
