@@ -63,8 +63,10 @@ def test_relative_deviation_matches_geed_table_and_a_brute_force_jackknife(image
 
 def _fake(ratio, raw, methods, ratio_reps, raw_reps):
     layers = list(methods)
-    meta = {"raw": dict(zip(layers, raw)), "baseline": {k: 0.5 for k in layers}, "method": dict(zip(layers, methods))}
-    normalized = MeasureResult(inv.NORMALIZED, dict(zip(layers, map(np.array, ratio))), meta,
+    # What GEEDInvariance(normalize=True) reports per layer (MeasureResult.layer_metadata).
+    per_layer = {layer: {"raw": r, "baseline": 0.5, "method": m, "relative": r / 0.5 if m == "cosine" else q}
+                 for layer, r, m, q in zip(layers, raw, methods, ratio)}
+    normalized = MeasureResult(inv.NORMALIZED, dict(zip(layers, map(np.array, ratio))), layer_metadata=per_layer,
                                replicates=pd.DataFrame(ratio_reps, columns=layers))
     plain = MeasureResult(inv.RAW, dict(zip(layers, map(np.array, raw))),
                           replicates=pd.DataFrame(raw_reps, columns=layers))
@@ -121,7 +123,8 @@ def test_kvinge_design_trains_every_model_and_measures_paired():
         assert {dataset for _, dataset in d.measurements} == {"mnist", "fashion-mnist"}
     # Every measurement is a pass under C4 with jackknife blocks on the same images per dataset.
     assert {len(mm.transformation_set()) for mm in d.measurements.values()} == {4}
-    assert {(mm.n_samples, mm.blocks, mm.seed) for mm in d.measurements.values()} == {(500, 10, 0)}
+    quick = ex.profile_settings("quick")
+    assert {(mm.n_samples, mm.blocks, mm.seed) for mm in d.measurements.values()} == {(quick["n_samples"], 10, 0)}
     labels = set(d.models) | set(d.pretrained)
     assert all(mm.model in labels for mm in d.measurements.values())
     with pytest.raises(ValueError, match="parts"):
