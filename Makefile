@@ -36,6 +36,7 @@ bench: env data
 	$(PYTHON) benchmarks/bench_engine.py
 	$(PYTHON) benchmarks/bench_measures.py
 	$(PYTHON) benchmarks/bench_geed.py
+	$(PYTHON) benchmarks/bench_jackknife.py
 
 lint: env
 	$(VENV)/bin/ruff check tmlib tests benchmarks

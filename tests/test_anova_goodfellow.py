@@ -4,6 +4,7 @@ import contextlib
 import math
 import warnings
 
+import harness
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,7 @@ from tmlib.measures import (
 )
 from tmlib.measures.goodfellow import GoodfellowReference
 from tmlib.measures.moments import numba_available
-from tmlib.measures.stratified import mean_over_classes
+from tmlib.stratified import mean_over_classes
 
 BACKENDS = ["torch"] + (["numba"] if numba_available() else [])
 
@@ -40,17 +41,13 @@ def count_images(model):
 
 
 def st_tensors(model, x, ts):
-    """{layer: float64 [n, m, F]}: every layer's output for all n·m warped images at once."""
-    n, m = len(x), len(ts)
-    outs = activations.record(model, ts.apply(x).reshape(n * m, *x.shape[1:]))
-    return {k: v.double().reshape(n, m, -1).numpy() for k, v in outs.items()}
+    """{layer: float64 [n, m, F]}: the stored ST tensor (tests/harness.py), flattened per sample."""
+    return {k: v.reshape(*v.shape[:2], -1) for k, v in harness.st_tensor(model, x, ts).items()}
 
 
 def reference_activations(model, x):
     """{layer: float64 [n, F]}: outputs for the untransformed samples."""
-    return {
-        k: v.double().reshape(len(x), -1).numpy() for k, v in activations.record(model, x).items()
-    }
+    return {k: v.reshape(len(x), -1) for k, v in harness.untransformed(model, x).items()}
 
 
 # ---------------------------------------------------------------------------------------- ANOVA
@@ -119,20 +116,6 @@ def test_anova_adds_no_forwards_and_shares_the_moments(small_cnn):
         )
     assert seen[0] == 10 * 6
     assert r["ANOVA[F,0.01,True]"].metadata["images_forwarded"] == 60
-
-
-def test_anova_does_not_depend_on_batch_size(small_cnn):
-    torch.manual_seed(2)
-    x, ts = torch.randn(13, 1, 8, 8), T.rotations(5)
-    runs = [
-        evaluate(small_cnn, x, ts, AnovaMeasure(), batch_size=bs, progress=False)[
-            "ANOVA[F,0.01,True]"
-        ]
-        for bs in (1, 4, 13)
-    ]
-    for layer in runs[0].layer_names:
-        for other in runs[1:]:
-            np.testing.assert_allclose(other[layer], runs[0][layer], rtol=1e-9, atol=0)
 
 
 def test_anova_degenerate_cases():
@@ -456,5 +439,57 @@ def test_bad_arguments_name_the_argument(make, argument):
 
 
 def test_goodfellow_needs_the_engine():
+    from tmlib.measures import PassStates
+
     with pytest.raises(ValueError, match="reference pass"):
-        GoodfellowMeasure().update("layer", torch.randn(3, 4, 5))
+        PassStates.empty([GoodfellowMeasure()], m=4)
+
+
+def test_stratified_keeps_every_class_result(small_cnn, tmp_path):
+    torch.manual_seed(9)
+    x, ts = torch.randn(12, 1, 8, 8), T.rotations(4)
+    labels = torch.tensor([1, 0] * 6)
+    ms = [NormalizedVariance(mode="channel"), AnovaMeasure(output="reject")]
+    res = evaluate_stratified(small_cnn, x, ts, ms, labels=labels, blocks=3, batch_size=4, progress=False)
+    for name, result in res.items():
+        assert list(result.per_class) == [0, 1]
+        for c in (0, 1):
+            alone = evaluate(small_cnn, x[labels == c], ts, ms, blocks=3, batch_size=4, progress=False)[name]
+            for layer in result.layer_names:
+                np.testing.assert_array_equal(result.per_class[c][layer], alone[layer])
+            np.testing.assert_array_equal(result.per_class[c].replicates.to_numpy(), alone.replicates.to_numpy())
+        frame = result.to_frame()  # the stratified frame: no per-class rows or columns
+        assert list(frame.columns) == ["layer", "index", "depth", "value", "se", "low", "high", "measure", "model",
+                                       "dataset", "transformation"]
+        # Replicate k of the class mean: every class without its block k, then the class mean.
+        from tmlib.engine import block_bounds
+        from tmlib.results import finite_mean
+
+        for k in range(3):
+            runs = []
+            for c in (0, 1):
+                xc = x[labels == c]
+                bounds = block_bounds(len(xc), 3)
+                keep = torch.ones(len(xc), dtype=torch.bool)
+                keep[bounds[k] : bounds[k + 1]] = False
+                runs.append(evaluate(small_cnn, xc[keep], ts, ms, batch_size=4, progress=False)[name])
+            expected = [finite_mean(mean_over_classes([r[layer] for r in runs])) for layer in result.layer_names]
+            np.testing.assert_allclose(result.replicates.iloc[k].to_numpy(), expected, rtol=1e-9)
+        tidy = result.per_class_frame()
+        assert tidy["class"].tolist() == [0] * len(result) + [1] * len(result)
+        assert tidy["value"].tolist() == pytest.approx(
+            result.per_class[0].layer_means().tolist() + result.per_class[1].layer_means().tolist())
+        back = type(result).load(result.save(tmp_path / f"{name}.npz"))
+        assert list(back.per_class) == [0, 1]
+        for c in (0, 1):
+            for layer in result.layer_names:
+                np.testing.assert_array_equal(back.per_class[c][layer], result.per_class[c][layer])
+            assert back.per_class[c].metadata["n"] == 6
+        assert back.to_frame().equals(frame)
+    plain = evaluate_stratified(small_cnn, x, ts, ms, labels=labels, progress=False)["NV[channel,std]"]
+    assert list(plain.to_frame().columns) == ["layer", "index", "depth", "value", "measure", "model", "dataset",
+                                              "transformation"]
+    with pytest.raises(ValueError, match=r"blocks: .*fewer samples: \{0: 6, 1: 6\}"):
+        evaluate_stratified(small_cnn, x, ts, ms, labels=labels, blocks=7, progress=False)
+    with pytest.raises(ValueError, match="no per-class results"):
+        evaluate(small_cnn, x, ts, ms, progress=False)["NV[channel,std]"].per_class_frame()

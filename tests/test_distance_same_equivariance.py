@@ -1,14 +1,12 @@
 """Distance family and same-equivariance measures against explicit computations on stored tensors."""
 
-import itertools
-
+import harness
 import numpy as np
 import pytest
 import torch
 from conftest import CountingModel
 from torch import nn
 
-from tmlib import activations
 from tmlib import transforms as T
 from tmlib.measures import (
     DistanceSameEquivariance,
@@ -23,6 +21,7 @@ from tmlib.measures import (
 )
 
 N, M = 8, 5
+st_tensor = harness.st_tensor
 DISTANCE_OPTIONS = [
     {"unit": u, "metric": me, "normalize": no}
     for u in ("element", "channel")
@@ -42,61 +41,14 @@ SE_VARIANCES = [
 ]
 
 
-def nv_division(tv, sv):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(sv > 0, tv / np.where(sv > 0, sv, 1), np.where(tv == 0, 1.0, np.inf))
-
-
-def normalize_np(maps):
-    norm = np.linalg.norm(maps, axis=-1, keepdims=True)
-    return np.where(norm > 0, maps / np.where(norm > 0, norm, 1), 0.0)
-
-
-def st_tensor(model, x, ts):
-    """{layer: float64 [n, m, *shape]} from one forward of all n·m warped images."""
-    n, m = x.shape[0], len(ts)
-    outputs = activations.record(model, ts.apply(x).reshape(n * m, *x.shape[1:]))
-    return {
-        name: out.double().reshape(n, m, *out.shape[1:]).numpy() for name, out in outputs.items()
-    }
-
-
 def brute_distances(st, unit, metric, normalize):
-    """TD, SD, ND by explicit pairs (itertools.combinations) on the full ST tensor [n, m, *shape]."""
-    n, m, *shape = st.shape
-    if len(shape) >= 3:
-        maps = st.reshape(n, m, -1, shape[-2] * shape[-1])
-        if normalize:
-            maps = normalize_np(maps)
-        vec = maps if unit == "channel" else maps.reshape(n, m, -1, 1)
-    else:
-        vec = st.reshape(n, m, -1, 1)
-
-    def dist(u, v):  # [..., G, D] → [..., G]
-        sq = ((u - v) ** 2).sum(-1)
-        return sq if metric == "sqeuclidean" else np.sqrt(sq)
-
-    td = np.mean(
-        [
-            np.mean(
-                [dist(vec[i, j], vec[i, k]) for j, k in itertools.combinations(range(m), 2)], axis=0
-            )
-            for i in range(n)
-        ],
-        axis=0,
-    )
-    sd = np.mean(
-        [
-            np.mean(
-                [dist(vec[i, j], vec[k, j]) for i, k in itertools.combinations(range(n), 2)], axis=0
-            )
-            for j in range(m)
-        ],
-        axis=0,
-    )
-    if unit == "element" or len(shape) < 3:
-        td, sd = td.reshape(shape), sd.reshape(shape)
-    return {"TD": td, "SD": sd, "ND": nv_division(td, sd)}
+    """TD, SD, ND by explicit pairs (tests/harness.py) for one option set."""
+    measure = TransformationDistance(unit=unit, metric=metric, normalize=normalize)
+    out = {}
+    for cls in (TransformationDistance, SampleDistance, NormalizedDistance):
+        measure = cls(unit=unit, metric=metric, normalize=normalize)
+        out[measure.short_name] = harness.brute_distance(measure, st, None, None)
+    return out
 
 
 def test_distances_match_explicit_pairwise_computation(small_cnn):
@@ -153,25 +105,6 @@ def test_nd_division_convention(metric):
     assert np.all(nd_el[1] == 1.0) and np.isinf(nd_el[0]).any()
 
 
-def test_distances_do_not_depend_on_batch_size(small_cnn):
-    torch.manual_seed(2)
-    x, ts = torch.randn(N, 1, 8, 8), T.rotations(M)
-    runs = [
-        evaluate(small_cnn, x, ts, DISTANCES, batch_size=bs, progress=False) for bs in (1, 3, 8)
-    ]
-    for measure in DISTANCES:
-        rtol = 1e-9 if measure.metric == "sqeuclidean" else 1e-6
-        for layer in runs[0][measure.name].layer_names:
-            for other in runs[1:]:
-                np.testing.assert_allclose(
-                    other[measure.name][layer],
-                    runs[0][measure.name][layer],
-                    rtol=rtol,
-                    atol=0,
-                    err_msg=f"{measure.name} {layer}",
-                )
-
-
 def test_euclidean_memory_budget_names_the_layer(small_cnn):
     # Layer '0' keeps 4·8·8 floats per image: 10 samples × 4 transformations × 256 × 4 B = 40 KB.
     with pytest.raises(
@@ -201,38 +134,10 @@ def test_euclidean_memory_budget_names_the_layer(small_cnn):
 # ---------------------------------------------------------------------------- same-equivariance
 
 
-def detransformed(st, ts, exact):
-    """B_ij = t_j⁻¹(A_ij) by an explicit loop over j, independent of apply_each: exact sets by
-    torch.rot90 backwards, others by warping with the inverted matrix. st: [n, m, C, H, W]."""
-    out = np.empty_like(st)
-    for j in range(st.shape[1]):
-        a = torch.from_numpy(st[:, j])
-        if exact:
-            k, flip, dx, dy = ts.elements[j]
-            assert not flip and not dx and not dy
-            out[:, j] = torch.rot90(a, -k, dims=(2, 3)).numpy()
-        else:
-            out[:, j] = T.warp(a, torch.linalg.inv(ts.matrices[j]), fill=0.0).numpy()
-    return out
-
-
 def brute_variance(b, mode, stat):
-    n, m, *shape = b.shape
-    flat = b.reshape(n, m, -1)
-    s = (
-        (lambda a, ax: a.std(axis=ax, ddof=1))
-        if stat == "std"
-        else (lambda a, ax: a.var(axis=ax, ddof=1))
-    )
-    tv, sv = s(flat, 1).mean(0), s(flat, 0).mean(0)
-    if mode == "channel":
-        tv, sv = (
-            tv.reshape(-1, shape[-2] * shape[-1]).mean(1),
-            sv.reshape(-1, shape[-2] * shape[-1]).mean(1),
-        )
-    else:
-        tv, sv = tv.reshape(shape), sv.reshape(shape)
-    return {"TVSE": tv, "SVSE": sv, "NVSE": nv_division(tv, sv)}
+    """TVSE, SVSE, NVSE of de-transformed maps b [n, m, C, H, W] (tests/harness.py)."""
+    return {cls.short_name: harness.brute_variance(cls(mode=mode, stat=stat), b, None, None)
+            for cls in (TransformationVarianceSE, SampleVarianceSE, NormalizedVarianceSE)}
 
 
 @pytest.mark.parametrize("ts_name", ["rotations", "c4"])
@@ -253,9 +158,7 @@ def test_variance_se_matches_explicit_detransformation(small_cnn, ts_name):
         }
         for layer in spatial:
             # float32 warps of float32 maps (engine) vs of float64 maps (here): rtol 1e-5.
-            expected = brute_variance(
-                detransformed(st[layer], ts, ts_name == "c4"), measure.mode, measure.stat
-            )
+            expected = brute_variance(harness.detransformed(st[layer], ts), measure.mode, measure.stat)
             np.testing.assert_allclose(
                 result[layer],
                 expected[measure.short_name],
@@ -329,25 +232,10 @@ def test_identity_model_has_zero_dses():
 
 
 def brute_dses(model, x, ts, normalize):
-    """Mean over (i, j) of sqrt(mean_hw (F(t_j x_i) − t_j F(x_i))²), F(x) from a plain forward of x."""
-    st = st_tensor(model, x, ts)
-    fx = {k: v.double() for k, v in activations.record(model, x).items()}
-    out = {}
-    for layer, a in st.items():
-        if a.ndim != 5:
-            continue
-        ds = []
-        for j in range(len(ts)):
-            expected = T.warp(fx[layer], ts.matrices[j], fill=0.0).numpy()
-            u, v = (
-                a[:, j].reshape(*a.shape[:1], a.shape[2], -1),
-                expected.reshape(expected.shape[0], expected.shape[1], -1),
-            )
-            if normalize:
-                u, v = normalize_np(u), normalize_np(v)
-            ds.append(np.sqrt(((u - v) ** 2).mean(-1)))  # [n, C]
-        out[layer] = np.mean(ds, axis=(0, 1))
-    return out
+    """DSES by explicit warps of F(x) from a plain forward of x (tests/harness.py), per spatial layer."""
+    st, fx = st_tensor(model, x, ts), harness.untransformed(model, x)
+    measure = DistanceSameEquivariance(normalize=normalize)
+    return {layer: harness.brute_dses(measure, a, fx[layer], ts) for layer, a in st.items() if a.ndim == 5}
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -453,15 +341,18 @@ def test_non_spatial_layers_and_sets_without_inverse_are_clear_errors():
         ValueError, match=r"ts: same-equivariance needs a transformation set with an exact inverse"
     ):
         evaluate(conv, x, NoInverse(), NormalizedVarianceSE(), progress=False)
-    # Standalone use: the state is created by update(), with or without a set.
+    # States fed by hand (PassStates.empty): the checks run first, with or without a set.
+    from tmlib.measures import PassStates
+
     with pytest.raises(ValueError, match="ts: same-equivariance"):
-        SampleVarianceSE().update("conv", torch.randn(3, 4, 2, 5, 5))
+        PassStates.empty([SampleVarianceSE()], m=4)
     tvse = TransformationVarianceSE()
-    tvse.update("conv", torch.randn(3, 4, 2, 5, 5), ts=T.c4())
-    assert tvse.compute()["conv"].shape == (2, 5, 5)
+    states = PassStates.empty([tvse], m=4, ts=T.c4())
+    states.update("conv", torch.randn(3, 4, 2, 5, 5))
+    assert states.compute(tvse)["TVSE[element,std]"]["conv"].shape == (2, 5, 5)
 
 
-def test_chunked_pairwise_sums_and_merged_states_are_exact(monkeypatch):
+def test_chunked_pairwise_sums_and_merged_states_are_exact():
     from tmlib.measures import distance
     from tmlib.measures.base import LayerInfo, PassContext
 
@@ -475,9 +366,8 @@ def test_chunked_pairwise_sums_and_merged_states_are_exact(monkeypatch):
     a = x[..., 0].double()
     scalars = (a[:, :, None] - a[:, None, :]).abs().sum((1, 2)) / 2
     for chunk in (1 << 22, 20, 1):  # default, a few rows/groups per chunk, one at a time
-        monkeypatch.setattr(distance, "_CHUNK_ELEMENTS", chunk)
-        np.testing.assert_allclose(distance.pairwise_distance_sum(x), full, rtol=1e-12)
-        np.testing.assert_allclose(distance.pairwise_distance_sum(x[..., :1]), scalars, rtol=1e-12)
+        np.testing.assert_allclose(distance.pairwise_distance_sum(x, chunk), full, rtol=1e-12)
+        np.testing.assert_allclose(distance.pairwise_distance_sum(x[..., :1], chunk), scalars, rtol=1e-12)
     # A state fed in two parts and merged equals one fed at once (columns pair across the parts).
     layer, context = LayerInfo("conv", (2, 3, 3)), PassContext(m=4)
     block = torch.randn(9, 4, 2, 3, 3)

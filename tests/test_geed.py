@@ -3,6 +3,7 @@ steerable CNN (e2cnn) whose invariance and equivariance hold by construction."""
 
 import warnings
 
+import harness
 import numpy as np
 import pytest
 import torch
@@ -27,30 +28,17 @@ def _samples(n=N, size=8, seed=1):
 
 
 def _orbit_activations(model, x, ts):
-    """{layer: float64 array [n, m, D]} of f(g·x_i), by one plain forward per sample."""
-    out = {}
-    for i in range(x.shape[0]):
-        rec = activations.record(model, ts.apply(x[i : i + 1])[0])
-        for name, value in rec.items():
-            out.setdefault(name, []).append(value.double().reshape(len(ts), -1).numpy())
-    return {k: np.stack(v) for k, v in out.items()}
+    """{layer: float64 array [n, m, D]} of f(g·x_i): the stored ST tensor (tests/harness.py)."""
+    return {k: v.reshape(*v.shape[:2], -1) for k, v in harness.st_tensor(model, x, ts).items()}
 
 
 def _cos(a, b):
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return harness._cos(a, b)
 
 
 def _brute_invariance(z):
     """raw cosine G-EED, Euclidean G-EED, S, M (identity = column 0) from [n, m, D]."""
-    n, m, _ = z.shape
-    cos, dist = [], []
-    for i in range(n):
-        c = z[i].mean(axis=0)
-        for g in range(m):
-            cos.append(_cos(z[i, g], c))
-            dist.append(np.linalg.norm(z[i, g] - c))
-    pairs = [_cos(z[i, 0], z[j, 0]) for i in range(n) for j in range(n) if i != j]
-    return 1 - np.mean(cos), np.mean(dist), np.mean(cos), np.mean(pairs)
+    return harness.geed_orbit_terms(z, 0)
 
 
 @pytest.fixture
@@ -108,18 +96,6 @@ def test_equivariance_matches_brute_force_with_the_same_g_on_both_sides(geed_cnn
                 dist.append(np.linalg.norm(maps[i, k].ravel() - expected))
         assert float(cosine[name]) == pytest.approx(1 - np.mean(cos), rel=1e-9, abs=1e-12)
         assert float(euclidean[name]) == pytest.approx(np.mean(dist), rel=1e-9)
-
-
-def test_results_do_not_depend_on_batch_size(geed_cnn):
-    x = _samples(n=7)
-    ts = T.rotations(6)
-    measures = [GEEDInvariance(normalize=True), GEEDInvariance(metric="euclidean"), GEEDOutputKL(),
-                GEEDEquivariance()]
-    runs = [evaluate(geed_cnn, x, ts, measures, batch_size=b, progress=False) for b in (1, 3, 7)]
-    for key in runs[0]:
-        for layer in runs[0][key].layer_names:
-            values = [float(run[key][layer]) for run in runs]
-            assert values == pytest.approx([values[0]] * 3, rel=1e-10, abs=1e-13), (key, layer)
 
 
 def test_states_merge_like_one_pass(geed_cnn):

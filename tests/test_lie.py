@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -274,7 +275,7 @@ def _train_and_measure(train_set, x):
 
 def test_bad_input_errors(small_cnn):
     x = torch.randn(2, 1, 8, 8)
-    with pytest.raises(ValueError, match="x must have shape"):
+    with pytest.raises(ValueError, match=r"x must be a tensor of shape \[b, C, H, W\]"):
         lie.tangent(torch.randn(1, 8, 8), "rotation")
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         lie.lie_derivative(small_cnn, [[1.0]], "rotation")
@@ -288,7 +289,7 @@ def test_bad_input_errors(small_cnn):
         lie.lie_equivariance_error(small_cnn, x, layers=["1", "nope"], progress=False)
     with pytest.raises(ValueError, match="layer: .*unknown layer name"):
         lie.liegg(small_cnn, x, layer="fc9", progress=False)
-    with pytest.raises(ValueError, match="x must have shape"):
+    with pytest.raises(ValueError, match=r"x must be a tensor of shape \[b, C, H, W\]"):
         lie.liegg(small_cnn, torch.randn(2, 64), progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         lie.liegg(small_cnn, x, batch_size=0, progress=False)
@@ -296,3 +297,116 @@ def test_bad_input_errors(small_cnn):
         lie.liegg(small_cnn, x, translations="yes", progress=False)
     with pytest.raises(ValueError, match="fill"):
         lie.tangent(x, "rotation", fill=[0.0, 1.0, 2.0])
+
+
+# ------------------------------------------------------------------------------------ jackknife, outputs
+
+
+def test_lee_blocks_match_a_brute_force_jackknife(small_cnn):
+    from tmlib.engine import block_bounds
+    from tmlib.experiments import Jack
+
+    torch.manual_seed(1)
+    x = torch.randn(11, 1, 8, 8)
+    layers, gens = ["1", "4", "output"], ["rotation", "scale"]
+    full = lie.lee(small_cnn, x, generators=gens, layers=layers, batch_size=3, progress=False, blocks=4)
+    plain = lie.lie_equivariance_error(small_cnn, x, generators=gens, layers=layers, batch_size=4, progress=False)
+    for column in ("value", "sem", "variance", "relative"):  # blocks change nothing but add intervals
+        assert np.allclose(full.frame[column], plain[column], rtol=1e-10)
+    assert list(full.frame["index"]) == [0, 0, 1, 1, 2, 2] and list(full.frame["depth"]) == [0, 0, .5, .5, 1, 1]
+    bounds = block_bounds(11, 4)
+    for k in range(4):
+        keep = torch.cat([x[:bounds[k]], x[bounds[k + 1]:]])
+        left_out = lie.lie_equivariance_error(small_cnn, keep, generators=gens, layers=layers, progress=False)
+        for g in gens:
+            for quantity in ("value", "relative"):
+                expected = left_out[left_out.generator == g].set_index("layer")[quantity]
+                got = full.result(g, quantity).replicates.iloc[k]
+                assert np.allclose(got[layers].to_numpy(), expected[layers].to_numpy(), rtol=1e-9)
+    # The MeasureResult view: layer means are the frame's values; Jack and to_frame take it.
+    result = full.result("rotation", "relative")
+    rows = full.frame[full.frame.generator == "rotation"].set_index("layer")
+    assert np.allclose(result.layer_means()[layers], rows.loc[layers, "relative"], rtol=1e-10)
+    assert result["1"].shape == (4, 8, 8)  # per-unit values, shaped like the layer
+    jack = Jack.of(result)
+    assert np.allclose(jack.se().to_numpy(), rows.loc[layers, "relative_se"].to_numpy(), rtol=1e-10)
+    curves = full.curves("rotation", "relative", label="model")
+    assert {"layer", "index", "depth", "value", "low", "high", "label"} <= set(curves.columns)
+    assert (curves["low"] <= curves["value"]).all() and (curves["value"] <= curves["high"]).all()
+    with pytest.raises(ValueError, match="blocks"):
+        lie.lee(small_cnn, x, generators="rotation", blocks=12, progress=False)
+    with pytest.raises(ValueError, match="generator"):
+        full.result("shear_x")
+
+
+def test_liegg_blocks_match_a_brute_force_jackknife():
+    from tmlib.engine import block_bounds
+
+    x = blobs(9)
+    model = RowEnergy()
+    full = lie.liegg(model, x, batch_size=4, blocks=3, progress=False)
+    plain = lie.liegg(model, x, batch_size=2, progress=False)
+    assert torch.allclose(full.gram, plain.gram, rtol=1e-10)
+    bounds = block_bounds(9, 3)
+    reps = full.replicates()
+    for k in range(3):
+        keep = torch.cat([x[:bounds[k]], x[bounds[k + 1]:]])
+        left_out = lie.liegg(model, keep, progress=False)
+        assert torch.allclose(full.block_grams[k], left_out.gram, rtol=1e-9)
+        assert reps["symmetry_variance"][k] == pytest.approx(float(left_out.symmetry_variance[0]), rel=1e-8)
+        assert reps["symmetry_bias"][k] == pytest.approx(float(left_out.symmetry_bias[0]), rel=1e-6, abs=1e-9)
+    summary = full.summary()
+    assert summary["symmetry_variance"] == pytest.approx(float(full.symmetry_variance[0]))
+    assert summary["relative_variance"] == pytest.approx(full.relative_variance)
+    assert summary["symmetry_variance_low"] <= summary["symmetry_variance"] <= summary["symmetry_variance_high"]
+    assert summary["h12"] == pytest.approx(float(full.generators[0, 0, 1])) and summary["n"] == 9
+    assert "symmetry_bias_se" not in plain.summary() and plain.replicates() is None
+
+
+def test_liegg_outputs_normalised_and_published_sum():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(S * S, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = blobs(5)
+
+    class Scaled(nn.Module):
+        def forward(self, y):
+            return 7.0 * net(y)
+
+    def normalised(y):
+        out = net(y)
+        return out / out.norm(dim=1, keepdim=True)
+
+    units = lie.liegg(net, x, progress=False)
+    norm = lie.liegg(net, x, output="normalised", progress=False)
+    assert torch.allclose(norm.gram, lie.liegg(normalised, x, progress=False).gram, rtol=1e-10)
+    # Scale-free: multiplying the logits changes the raw Gram by 49, not the normalised one.
+    assert torch.allclose(lie.liegg(Scaled(), x, progress=False).gram, 49 * units.gram, rtol=1e-10)
+    assert torch.allclose(lie.liegg(Scaled(), x, output="normalised", progress=False).gram, norm.gram, rtol=1e-10)
+    summed = lie.liegg(net, x, output="normalised-sum", progress=False)
+    expected = lie.liegg(lambda y: normalised(y).sum(1, keepdim=True), x, progress=False)
+    assert summed.units == 1 and torch.allclose(summed.gram, expected.gram, rtol=1e-10)
+    assert summed.output == "normalised-sum" and norm.units == 3
+    # The public code's units: per-pixel image gradients, (2/W)² of tmlib's per-normalised-unit ones.
+    assert summed.pixel_scale == pytest.approx((2 / S) ** 2)
+    assert summed.summary()["pixel_variance"] == pytest.approx(float(summed.symmetry_variance[0]) * (2 / S) ** 2)
+    with pytest.raises(ValueError, match="output"):
+        lie.liegg(net, x, output="sum", progress=False)
+
+
+def test_rotation_invariant_function_recovers_rotation_with_every_output():
+    # The L2-normalised output of a two-unit rotation-invariant head is rotation invariant too.
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = RadialEnergy(), RadialEnergy()
+            self.b.w = self.b.w ** 2
+
+        def forward(self, x):
+            return torch.cat([self.a(x), self.b(x) + 1.0], dim=1)
+
+    for output in lie.LIEGG_OUTPUTS:
+        result = lie.liegg(Two(), blobs(8), output=output, blocks=4, progress=False)
+        summary = result.summary()
+        assert summary["symmetry_bias"] < 0.01, (output, summary)
+        assert summary["relative_variance"] < 1e-3, (output, summary)
+        assert abs(abs(summary["h12"]) - 1 / math.sqrt(2)) < 0.01

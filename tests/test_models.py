@@ -10,9 +10,11 @@ from torch import nn
 
 from tmlib import models
 from tmlib.models import (
+    MLP,
     MODELS,
     VGG16D,
     AllConvolutional,
+    GaussianBlur,
     ResNet,
     SimpleConv,
     TIPooling,
@@ -27,6 +29,7 @@ SMALL = {
     "VGG16D": {"base_filters": 8},
     "ResNet": {"base_filters": 8},
     "TIPooling": {"filters": 8, "fc_units": 16},
+    "MLP": {"depth": 3, "width": 16},
 }
 SIZES = [(1, 28), (3, 32)]
 SKIPPED = (nn.Flatten, nn.Dropout)
@@ -64,7 +67,7 @@ def trace_calls(model: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str,
 
 
 def test_registry_lists_all_models() -> None:
-    assert sorted(MODELS) == ["AllConvolutional", "ResNet", "SimpleConv", "TIPooling", "VGG16D"]
+    assert sorted(MODELS) == ["AllConvolutional", "MLP", "ResNet", "SimpleConv", "TIPooling", "VGG16D"]
     for name, cls in MODELS.items():
         assert cls.paper_name == name
 
@@ -242,6 +245,12 @@ def test_tipooling_trunk_sees_all_copies_and_custom_set() -> None:
     ("ResNet", {"activation": "gelu"}, "activation"),
     ("TIPooling", {"transformations": object()}, "transformations"),
     ("TIPooling", {"fc_units": -1}, "fc_units"),
+    ("MLP", {"depth": 0}, "depth"),
+    ("MLP", {"width": 1.5}, "width"),
+    ("MLP", {"blur_sigma": 0}, "blur_sigma"),
+    ("MLP", {"blur_sigma": True}, "blur_sigma"),
+    ("MLP", {"bias": 1}, "bias"),
+    ("MLP", {"activation": "gelu"}, "activation"),
 ])
 def test_bad_arguments(name: str, kw: dict, arg: str) -> None:
     with pytest.raises(ValueError, match=arg):
@@ -282,3 +291,72 @@ def test_observable_layers_uses_layer_names() -> None:
     model = small("VGG16D")
     assert observable_layers(model, torch.randn(1, 1, 28, 28)) == model.layer_names()
     assert models.observable_layers is observable_layers
+
+
+# --------------------------------------------------------------------------- MLP (LieGG)
+
+
+def test_mlp_names_shapes_and_parameters() -> None:
+    model = MLP(depth=5, width=128, blur_sigma=1.5, activation="silu", bias=False)
+    assert model.layer_names() == [f"{kind}{i}" for i in range(5) for kind in ("fc", "act")] + ["fc5"]
+    assert [n for n, _ in model.named_children()][:2] == ["blur", "flatten"]  # the blur is the first leaf
+    assert all(isinstance(getattr(model, f"act{i}"), nn.SiLU) for i in range(5))
+    assert all(getattr(model, f"fc{i}").bias is None for i in range(6))
+    # LieGG's 5 × 128 MLP: 784·128 + 4·128² + 128·10 weights, nothing for the blur.
+    assert sum(p.numel() for p in model.parameters()) == 784 * 128 + 4 * 128 ** 2 + 128 * 10
+    assert model(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+    assert model.config["blur_sigma"] == 1.5 and json.loads(json.dumps(model.config)) == model.config
+    plain = build("MLP", depth=2, width=8, in_channels=3, image_size=32, num_classes=7)
+    assert plain.layer_names() == ["fc0", "act0", "fc1", "act1", "fc2"] and not hasattr(plain, "blur")
+    assert plain.fc0.in_features == 3 * 32 * 32 and plain(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    with pytest.raises(ValueError, match="expects input"):
+        plain(torch.randn(2, 1, 32, 32))
+
+
+def test_blur_is_fixed_normalised_and_the_padded_convolution() -> None:
+    blur = GaussianBlur(1.5, channels=2)
+    assert blur.radius == 6 and blur.kernel.shape == (13,)
+    torch.testing.assert_close(blur.kernel2d().sum(), torch.tensor(1.0))
+    assert list(blur.parameters()) == [] and "kernel" in blur.state_dict()
+    model = MLP(depth=1, width=8, blur_sigma=1.5)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(name.startswith("blur") for name, _ in model.named_parameters())
+    # The matrix form equals the 2-D kernel on an edge-replicated image, and a constant stays constant.
+    x = torch.randn(3, 2, 20, 17)
+    padded = nn.functional.pad(x, (6, 6, 6, 6), mode="replicate")
+    reference = nn.functional.conv2d(padded, blur.kernel2d().expand(2, 1, 13, 13), groups=2)
+    torch.testing.assert_close(blur(x), reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(blur(torch.full((1, 2, 9, 9), 0.7)), torch.full((1, 2, 9, 9), 0.7))
+    torch.testing.assert_close(blur.matrix(11).sum(1), torch.ones(11))
+    # The blur commutes with a per-pixel normalisation (x - m)/s (kernel sums to 1, edges replicated).
+    torch.testing.assert_close(blur((x - 0.13) / 0.3), (blur(x) - 0.13) / 0.3, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="sigma"):
+        GaussianBlur(-1.0)
+
+
+def test_blur_matches_scipy_gaussian_filter() -> None:
+    ndimage = pytest.importorskip("scipy.ndimage")
+    x = torch.rand(1, 1, 28, 28, dtype=torch.float64)
+    expected = ndimage.gaussian_filter(x[0, 0].numpy(), sigma=1.5, mode="nearest", truncate=4.0)
+    torch.testing.assert_close(GaussianBlur(1.5)(x)[0, 0], torch.from_numpy(expected), atol=1e-6, rtol=1e-6)
+
+
+def test_mlp_without_blur_shares_the_weights() -> None:
+    torch.manual_seed(0)
+    model = MLP(depth=2, width=16, blur_sigma=1.5).eval()
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model.without_blur()(model.blur_images(x)), model(x))
+    assert model.without_blur()[1] is model.fc0
+    plain = MLP(depth=1, width=4)
+    assert plain.blur_images(x) is x
+
+
+def test_mlp_spec_builds_through_the_zoo() -> None:
+    from tmlib.experiments import ModelSpec, build_model
+
+    spec = ModelSpec(architecture="MLP", options={"depth": 2, "width": 8, "blur_sigma": 1.5})
+    model = build_model(spec)
+    assert isinstance(model, MLP) and model.config["image_size"] == 28 and model.config["num_classes"] == 10
+    same = build_model(spec)  # init_seed fixes the weights
+    torch.testing.assert_close(model.fc0.weight, same.fc0.weight)

@@ -45,3 +45,37 @@ def test_run_reports_skips_finished_and_retries_failed(tmp_path):
         reproduce.run("slow", **kw)
     with pytest.raises(ValueError, match="names"):
         reproduce.run("quick", names=["zzz"], **kw)
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reproduce, "train_all", interrupted)
+    assert reproduce.main(["00_quickstart"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted during the training stage" in err[0] and "resume" in err[0]
+
+
+def _sleep(seconds):
+    import time
+
+    time.sleep(seconds)
+
+
+def test_stopping_the_training_pool_terminates_its_workers():
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
+    futures = [pool.submit(_sleep, 60) for _ in range(4)]
+    while not any(f.running() for f in futures):
+        time.sleep(0.05)
+    processes = list(pool._processes.values())
+    start = time.perf_counter()
+    reproduce._stop(pool)
+    for process in processes:
+        process.join(10)
+    assert all(not p.is_alive() for p in processes) and time.perf_counter() - start < 10
+    assert any(f.cancelled() for f in futures)  # the ones that had not started

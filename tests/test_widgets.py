@@ -2,13 +2,14 @@
 
 import re
 
+import harness
 import numpy as np
 import pytest
 import torch
 from conftest import CountingModel
 
-from tmlib import activations, transforms, widgets
-from tmlib.measures import NormalizedVariance, evaluate
+from tmlib import transforms, widgets
+from tmlib.measures import GEEDInvariance, NormalizedVariance, NormalizedVarianceSE, evaluate
 
 N, M, ST, IMAGE = 10, 4, 6, 7  # image 7 lies in the third block of 3 samples
 
@@ -30,7 +31,8 @@ def test_compute_shapes_and_single_pass(explored):
     model, _, _, data = explored
     assert model.images == N * M == data.images_forwarded  # one pass feeds measures and pictures
     assert data.layers == ["inner.0", "inner.1", "inner.2", "inner.3", "inner.4", "inner.5", "inner.6"]
-    assert data.measures == ["NV", "TV", "SV"]
+    assert data.measures == ["NV", "TV", "SV", "NVSE", "TVSE", "DSES", "GEED-inv", "GEED-eq"]
+    assert data.metadata["unavailable"] == {}
     assert data.st_means["inner.0"].shape == (ST, M, 4)
     assert data.st_means["inner.3"].shape == (ST, M, 6)
     assert data.st_means["inner.6"].shape == (ST, M, 5)
@@ -44,11 +46,10 @@ def test_compute_shapes_and_single_pass(explored):
 
 def test_recorded_activations_match_a_brute_force_recompute(explored):
     model, x, ts, data = explored
-    fill = 0.0
-    warped = ts.apply(x, fill=fill)  # [n, m, C, H, W]
-    outputs = activations.record(model, warped.reshape(N * M, 1, 8, 8))
+    warped = ts.apply(x, fill=0.0)  # [n, m, C, H, W]
+    outputs = harness.st_tensor(model, x, ts)  # the stored ST tensor, float64
     for layer in data.layers:
-        out = outputs[layer].reshape(N, M, *outputs[layer].shape[1:])
+        out = torch.from_numpy(outputs[layer])
         means = out.mean(dim=(-2, -1)) if out.dim() == 5 else out
         np.testing.assert_allclose(data.st_means[layer], means[:ST].numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(data.maps[layer], out[IMAGE].numpy(), rtol=1e-5, atol=1e-6)
@@ -183,3 +184,50 @@ def test_export_html_is_offline_and_inlines_every_layer(explored, tmp_path):
     assert not list(path.parent.glob("*.tmp*"))  # written atomically
     with pytest.raises(ValueError, match="layer: unknown layer name"):
         widgets.export_html(data, tmp_path / "x.html", layers=["nope"])
+
+
+def test_every_family_that_applies_to_the_layer_is_offered(explored, setup):
+    model, x, ts, data = explored
+    spatial = ["inner.0", "inner.1", "inner.2", "inner.3", "inner.4"]
+    for layer in data.layers:
+        expected = ["NV", "TV", "SV"] + (["NVSE", "TVSE", "DSES"] if layer in spatial else []) + ["GEED-inv"]
+        expected += ["GEED-eq"] if layer in spatial else []
+        assert data.measures_for(layer) == expected, layer
+    # The same numbers as evaluate with the same measures (one pass fed them all).
+    direct = evaluate(model, x, ts, {"NVSE": NormalizedVarianceSE(mode="channel"), "G": GEEDInvariance()},
+                      batch_size=3, progress=False)
+    for layer in spatial:
+        np.testing.assert_allclose(data.values("NVSE", layer), direct["NVSE"][layer], rtol=1e-12)
+    for layer in data.layers:
+        assert data.values("GEED-inv", layer) == pytest.approx([float(direct["G"][layer])], rel=1e-12)
+        assert not data.per_channel("GEED-inv", layer) and data.per_channel("NV", layer)
+    with pytest.raises(ValueError, match="measure: 'NVSE' is not defined for layer 'inner.6' \\(no spatial"):
+        data.values("NVSE", "inner.6")
+    heat = widgets.plot_channel_heatmap(data, "GEED-inv", "inner.3")  # one value per layer: one cell
+    assert heat.axes[0].images[0].get_array().compressed().tolist() == pytest.approx(data.values("GEED-inv", "inner.3"))
+    maps = widgets.plot_extreme_maps(data, "GEED-inv", "inner.3")  # channels ordered by NV instead
+    order = widgets.channel_order(data, "NV", "inner.3")
+    np.testing.assert_array_equal(maps.axes[0].images[0].get_array(), data.maps["inner.3"][0, order[0]])
+    # A set without the identity: the measures that need it are not offered, and say why.
+    no_identity = transforms.rotations(4).subset([1, 2, 3])
+    partial = widgets.compute(model, x, no_identity, max_st_samples=ST, batch_size=3)
+    assert set(partial.metadata["unavailable"]) == {"DSES", "GEED-eq"}
+    assert "no identity" in partial.metadata["unavailable"]["GEED-eq"]
+    assert partial.measures == ["NV", "TV", "SV", "NVSE", "TVSE", "GEED-inv"]
+
+
+def test_explorer_measure_menu_follows_the_layer(setup):
+    model, x, ts = setup
+    explorer = widgets.Explorer({"tiny": model}, {"random": x}, {"4 rotations": ts}, n_samples=N, image=2,
+                                max_st_samples=ST, layer="inner.3")
+    assert list(explorer.measure.options) == explorer.data.measures_for("inner.3")
+    explorer.select(measure="DSES")
+    before = model.images
+    explorer.select(layer="inner.6")  # DSES is not defined there: the menu falls back to its first entry
+    assert list(explorer.measure.options) == ["NV", "TV", "SV", "GEED-inv"] and explorer.measure.value == "NV"
+    explorer.select(measure="GEED-inv")
+    assert explorer.heatmap.value == widgets.figure_png(widgets.plot_channel_heatmap(explorer.data, "GEED-inv",
+                                                                                     "inner.6"))
+    with pytest.raises(ValueError, match="not defined for layer 'inner.6'"):
+        explorer.select(measure="NVSE")
+    assert model.images == before  # menus and redraws: no forward

@@ -1,7 +1,8 @@
 """tmlib: how invariant and equivariant is a neural network's internal representation?
 
 Submodules: ``transforms`` (affine sets and exact groups), ``activations`` (observe any layer),
-``measures`` (``evaluate`` and the measures), ``results``, ``models``, ``data``, ``train``.
+``measures`` (``evaluate``, ``collect`` and the measures), ``results``, ``stats`` (jackknife
+intervals, paired differences, seeds), ``models``, ``data``, ``train``.
 """
 
 from . import activations, measures, results, transforms

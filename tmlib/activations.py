@@ -53,11 +53,15 @@ class LayerObserver:
         callback: called as ``callback(layer_name, output)`` for every observed call, in order.
         detach: hand over ``output.detach()`` (default). ``False`` hands over the output as is, so
             that under ``torch.func.jvp``/``vmap`` the dual tensor and its tangent survive.
+        skip_non_tensors: when observing the default leaves (``layers=None``), skip a leaf whose
+            output is not a tensor (``nn.LSTM`` returns a tuple) and note it in ``skipped``
+            ({name: reason}) instead of raising; a layer named in ``layers`` always raises.
 
     After each forward, ``order`` lists the observed layer names in the order of their first call.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str] | None, callback: Callback, detach: bool = True):
+    def __init__(self, model: nn.Module, layers: Sequence[str] | None, callback: Callback, detach: bool = True,
+                 skip_non_tensors: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -83,6 +87,8 @@ class LayerObserver:
                     )
                 self.watch[path] = leaves[path] if root_alias else modules[path]
         self.order: list[str] = []
+        self.skip_non_tensors = skip_non_tensors
+        self.skipped: dict[str, str] = {}
         self._counts: dict[str, int] = {}
         self._handles: list = []
 
@@ -116,6 +122,9 @@ class LayerObserver:
             if self.selected is not None and name not in self.selected:
                 return
             if not isinstance(output, torch.Tensor):
+                if self.skip_non_tensors and self.selected is None:
+                    self.skipped[name] = f"returned {type(output).__name__}, not a tensor"
+                    return
                 raise TypeError(
                     f"layer {name!r} returned {type(output).__name__}; only modules returning a "
                     "single tensor can be observed"

@@ -43,7 +43,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["DATASETS", "SPLITS", "FetchResult", "ImageDataset", "describe", "fetch", "load", "available"]
+from .files import atomic_save
+
+__all__ = ["DATASETS", "SPLITS", "FetchResult", "ImageDataset", "describe", "fetch", "holdout", "load", "available"]
 
 SPLITS = ("train", "test")
 
@@ -265,6 +267,23 @@ def load(
     return ds.subset(torch.sort(idx).values)
 
 
+def holdout(dataset: ImageDataset, n: int, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """Split ``dataset`` into (the rest, ``n`` held-out images): a validation set for early stopping.
+
+    The held-out images are class-balanced (as ``load(..., n=n)``) and deterministic for ``seed``;
+    both parts keep the data set's order and have no image in common."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 < n < len(dataset):
+        raise ValueError(f"n must be an integer in [1, {len(dataset) - 1}] (images held out), got {n!r}")
+    gen = torch.Generator().manual_seed(seed)
+    held = torch.sort(_stratified_indices(dataset.labels, int(n), dataset.num_classes, gen)).values
+    keep = torch.ones(len(dataset), dtype=torch.bool)
+    keep[held] = False
+    rest = dataset.subset(torch.nonzero(keep).flatten())
+    validation = dataset.subset(held)
+    validation.split = f"{dataset.split}-holdout"
+    return rest, validation
+
+
 @dataclass
 class FetchResult:
     """What ``fetch`` did: where the data is, how much, from where, how long it took."""
@@ -346,21 +365,10 @@ def _say(msg: str) -> None:
 
 def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, *, source: str,
                  sha256: str | None = None) -> None:
-    """torch.save to a temp file beside ``path``, then os.replace: a reader never sees a
-    half-written cache, and an interrupted write leaves nothing behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"images": images.contiguous(), "labels": labels.to(torch.int64),
-                        "source": source, "sha256": sha256}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache is ordinary shared data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save to a temp file beside ``path``, then os.replace (tmlib.files.atomic_write): a
+    reader never sees a half-written cache, and an interrupted write leaves nothing behind."""
+    blob = {"images": images.contiguous(), "labels": labels.to(torch.int64), "source": source, "sha256": sha256}
+    atomic_save(path, blob)
 
 
 def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,11 +68,12 @@ def layer_curves(
     ylim: tuple[float, float] | None = None,
     title: str | None = None,
 ) -> plt.Axes:
-    """Plot the layer means of several results as one curve each.
+    """Plot the layer means of several results as one curve each, with a band where the frame has
+    an interval (columns ``low`` and ``high``, e.g. from ``evaluate(..., blocks=K)``).
 
     Args:
         curves: ``{legend label: MeasureResult}`` or a tidy frame with columns
-            layer, index, depth, value, label.
+            layer, index, depth, value, label (and optionally low, high).
         x: ``"layer"`` (layer names on the axis, for one architecture) or ``"depth"``
             (0–100 % of the depth, to compare architectures).
         ylim: y range, e.g. (0, 1.4) as in [Q23]'s NV plots.
@@ -81,9 +82,12 @@ def layer_curves(
     if ax is None:
         width = max(6.0, 0.45 * frame["index"].max() + 3) if x == "layer" else 7.0
         _, ax = plt.subplots(figsize=(width, 4))
+    bands = {"low", "high"} <= set(frame.columns)
     for label, group in frame.groupby("label", sort=False):
         xs = group["index"] if x == "layer" else 100 * group["depth"]
-        ax.plot(xs, group["value"], marker="o", markersize=4, label=label)
+        (line,) = ax.plot(xs, group["value"], marker="o", markersize=4, label=label)
+        if bands and group["low"].notna().any():
+            ax.fill_between(xs, group["low"], group["high"], color=line.get_color(), alpha=0.2, linewidth=0)
     measure = frame["measure"].iloc[0] if "measure" in frame and len(frame) else "value"
     return _finish_axes(ax, frame, x, ylabel or f"{measure} (layer mean)", ylim, title)
 

@@ -18,15 +18,11 @@ rotations), ``name``, ``split`` and ``tensors() -> (x [N, C, H, W], y [N])``. Mo
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import itertools
 import json
 import math
-import numbers
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,13 +32,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from tmlib.stopping import EarlyStop, StopState
 from tmlib.transforms import TransformationSet
+
+from .adapters import dataset_tensors, default_fill
+from .checks import check_int, check_real
+from .devices import resolve_device
+from .files import atomic_save
 
 __all__ = ["CHECKPOINT_FORMAT", "accuracy", "checkpoint_key", "train"]
 
 # Bump when the training procedure or the checkpoint layout changes: old checkpoints then get
 # other keys and are retrained instead of being silently reused.
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 # Datasets without ``tensors()`` are identified by their length and first items only, so that
 # computing a key never has to read a whole (possibly lazily loaded) dataset.
@@ -53,23 +55,11 @@ _DATASET_SAMPLE = 64
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})"
-        )
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int(name, value, minimum)  # TypeError for a non-integer, ValueError below minimum
 
 
 def _check_real(name: str, value: Any, *, positive: bool) -> float:
-    expected = "a finite number > 0" if positive else "a finite number >= 0"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return value
+    return check_real(name, value, positive=positive)
 
 
 def _check_model(model: Any) -> None:
@@ -124,43 +114,13 @@ def _check_hyperparameters(
 
 
 def _dataset_tensors(dataset: Any, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images x [N, C, H, W] (float) and labels y [N] (int64) of a dataset, on the CPU.
-
-    Uses ``dataset.tensors()`` when it exists; otherwise stacks the items (the first ``limit`` only,
-    when given).
-    """
-    tensors = getattr(dataset, "tensors", None)
-    if callable(tensors):
-        x, y = tensors()
-        x, y = torch.as_tensor(x).cpu(), torch.as_tensor(y).cpu()
-        if limit is not None:
-            x, y = x[:limit], y[:limit]
-    else:
-        n = len(dataset) if limit is None else min(limit, len(dataset))
-        items = [dataset[i] for i in range(n)]
-        if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items):
-            raise TypeError(
-                "dataset items must be (image [C, H, W], label) pairs, "
-                f"got {type(items[0]).__name__}"
-            )
-        x = torch.stack([torch.as_tensor(image) for image, _ in items])
-        y = torch.tensor([int(label) for _, label in items])
-    if x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(
-            f"dataset images must be float tensors [C, H, W] (stacked [N, C, H, W]), "
-            f"got {x.dtype} of shape {tuple(x.shape)}"
-        )
-    if y.shape != (len(x),):
-        raise ValueError(f"dataset labels must have shape [{len(x)}], got {tuple(y.shape)}")
-    return x, y.long()
+    """Images x [N, C, H, W] (float) and labels y [N] (int64) of a dataset, on the CPU."""
+    return dataset_tensors(dataset, limit)
 
 
 def _dataset_fill(dataset: Any) -> tuple[float, ...]:
     """The background value of the dataset's images, one float per channel (or one for all)."""
-    fill = getattr(dataset, "fill", None)
-    if fill is None:
-        return (0.0,)
-    return tuple(float(v) for v in torch.as_tensor(fill, dtype=torch.float64).flatten().tolist())
+    return tuple(float(v) for v in torch.as_tensor(default_fill(dataset), dtype=torch.float64).flatten().tolist())
 
 
 def _tensor_digest(hasher: Any, tensor: torch.Tensor) -> None:
@@ -271,9 +231,14 @@ def _training_config(
     weight_decay: float,
     tensors: tuple[torch.Tensor, torch.Tensor] | None = None,
     task: str = "classify",
+    procedure: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything that determines the trained weights, as a JSON-able dict (arguments validated)."""
+    """Everything that determines the trained weights, as a JSON-able dict (arguments validated).
+
+    ``procedure``: the settings of :func:`train` beyond the classic ones (stopping rule, warm-up,
+    threads, memory format, snapshots); they enter the key only when set."""
     extra = {} if task == "classify" else {"task": task}
+    extra.update({k: v for k, v in (procedure or {}).items() if v not in (None, 0, False, [], ())})
     return {
         **extra,
         "format": CHECKPOINT_FORMAT,
@@ -319,24 +284,11 @@ def checkpoint_key(
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically: a reader sees either no file or the complete one, never a partial save."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary file lives in the same directory so that os.replace is a rename, not a copy.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are ordinary shared files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_save(path, payload)
 
 
-def _load_checkpoint(model: nn.Module, path: Path, key: str) -> dict[str, Any]:
-    """Load the weights of ``path`` into ``model``; returns the stored training history."""
+def _load_checkpoint(model: nn.Module, path: Path, key: str) -> tuple[dict[str, Any], dict]:
+    """Load the weights of ``path`` into ``model``; returns the stored history and snapshots."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -350,7 +302,7 @@ def _load_checkpoint(model: nn.Module, path: Path, key: str) -> dict[str, Any]:
             "delete it to retrain"
         )
     model.load_state_dict(checkpoint["state_dict"])  # copies onto the model's own device
-    return checkpoint["history"]
+    return checkpoint["history"], checkpoint.get("snapshots", {})
 
 
 # ------------------------------------------------------------------------------------- training
@@ -358,16 +310,7 @@ def _load_checkpoint(model: nn.Module, path: Path, key: str) -> dict[str, Any]:
 
 def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
     """``device`` if given, else the device of the model's first parameter (or buffer), else CPU."""
-    if device is not None:
-        try:
-            return torch.device(device)
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(
-                f"device must be None or a torch device such as 'cpu' or 'cuda:0', got {device!r}"
-            ) from error
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    return resolve_device(device, model)
 
 
 def _derive_seed(seed: int, purpose: str) -> int:
@@ -391,8 +334,14 @@ def _fit(
     device: torch.device,
     progress: bool,
     task: str = "classify",
-) -> dict[str, Any]:
-    """The training loop; returns the history (per-epoch mean loss, training accuracy, seconds).
+    stop: EarlyStop | None = None,
+    warmup: int = 0,
+    channels_last: bool = False,
+    snapshots: tuple[int, ...] = (),
+    schedule: str = "constant",
+) -> tuple[dict[str, Any], dict[int, dict[str, torch.Tensor]]]:
+    """The training loop; returns the history (per-epoch mean loss, training accuracy, seconds,
+    validation checks, why it stopped) and the snapshots {training images seen: state_dict}.
 
     ``task="regress-transformation"``: the labels are ignored; the model predicts the 6 entries of
     the 2×3 affine matrix of the transformation drawn from ``augment`` (MSE loss), and "accuracy"
@@ -410,6 +359,15 @@ def _fit(
         if device.type == "cuda"
         else []
     )
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    stopper = StopState(stop)
+    pending = sorted(set(snapshots))
+    taken: dict[int, dict[str, torch.Tensor]] = {}
+    if pending and pending[0] == 0:
+        taken[0] = _cpu_state(model)
+        pending.pop(0)
+    seen_total = 0
+    step = 0
 
     # fork_rng restores the global RNG states afterwards: training leaves the caller's randomness
     # untouched, while dropout inside the model is still seeded.
@@ -419,6 +377,9 @@ def _fit(
             with torch.cuda.device(cuda[0]):
                 torch.cuda.manual_seed(seed)
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        total_steps = epochs * n_batches
+        schedule = None if warmup == 0 and schedule == "constant" else torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: _lr_factor(s, warmup, total_steps, schedule))
         model.train()
         with tqdm(
             total=epochs * n_batches, disable=not progress, desc="train", unit="batch"
@@ -436,6 +397,8 @@ def _fit(
                     if augment is not None:
                         choice = torch.randint(len(augment), (len(batch),), generator=draws)
                         xb = augment.apply_indexed(xb, choice, fill=fill)
+                    if channels_last:
+                        xb = xb.contiguous(memory_format=memory_format)
                     optimizer.zero_grad(set_to_none=True)
                     logits = model(xb)
                     if targets is None:
@@ -447,14 +410,24 @@ def _fit(
                         predicted = torch.cdist(logits.detach(), targets).argmin(dim=1)
                     loss.backward()
                     optimizer.step()
+                    if schedule is not None:
+                        schedule.step()
+                    step += 1
                     loss_sum += loss.detach().double() * len(batch)
                     correct += (predicted == truth).sum()
                     seen += len(batch)
+                    seen_total += len(batch)
                     bar.update(1)
-                    if progress and (b % 20 == 0 or b == n_batches - 1):
-                        bar.set_postfix(
-                            loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}"
-                        )
+                    while pending and seen_total >= pending[0]:
+                        taken[pending.pop(0)] = _cpu_state(model)
+                    stopping = stopper.due(seen_total) and stopper.check(model, seen_total, device, channels_last)
+                    if progress and (b % 20 == 0 or b == n_batches - 1 or stopping):
+                        postfix = {"loss": f"{loss_sum.item() / seen:.4f}", "acc": f"{correct.item() / seen:.3f}"}
+                        if stopper.checks:
+                            postfix["val"] = f"{stopper.checks[-1][1]:.3f}"
+                        bar.set_postfix(postfix)
+                    if stopping:
+                        break
                 mean_loss = loss_sum.item() / seen
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(
@@ -464,7 +437,38 @@ def _fit(
                 history["loss"].append(mean_loss)
                 history["accuracy"].append(correct.item() / seen)
                 history["seconds"].append(time.perf_counter() - start)
-    return history
+                if stopper.reason is not None:
+                    break
+    if stop is not None and stopper.reason is None and (not stopper.checks or stopper.checks[-1][0] != seen_total):
+        stopper.check(model, seen_total, device, channels_last)  # the final weights count too
+        stopper.reason = stopper.reason or "epochs"
+    stopper.finish(model)
+    history.update(
+        images=seen_total,
+        steps=step,
+        epochs_run=seen_total / n,
+        stopped="epochs" if stop is None else stopper.reason,
+        checks=[list(c) for c in stopper.checks],
+        validation_accuracy=None if stop is None else max(a for _, a in stopper.checks)
+        if stop.patience is not None else stopper.checks[-1][1],
+    )
+    return history, taken
+
+
+def _lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Learning-rate multiplier at optimiser step ``step``: linear warm-up over ``warmup`` steps, then
+    constant or a cosine decay to 0 at the epoch cap (``total`` steps). A stopping rule may end
+    training anywhere on the way, which is why the decay is tied to the cap, not to the stop."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def train(
@@ -480,6 +484,12 @@ def train(
     cache_dir: str | os.PathLike | None = "data/models",
     progress: bool = True,
     task: str = "classify",
+    stop: EarlyStop | None = None,
+    warmup: int = 0,
+    threads: int | None = None,
+    channels_last: bool = False,
+    snapshots: Any = (),
+    schedule: str = "constant",
 ) -> nn.Module:
     """Train ``model`` in place with Adam and cross-entropy, or load it from the checkpoint cache.
 
@@ -507,12 +517,28 @@ def train(
             cache. The checkpoint is ``<cache_dir>/<paper_name>-<key[:16]>.pt``; when it exists the
             weights are loaded and no training happens.
         progress: show a tqdm progress bar (loss and running training accuracy).
+        stop: an :class:`~tmlib.stopping.EarlyStop` rule (stop at a validation accuracy, or when it
+            stops improving); ``epochs`` is then the cap. None: train all ``epochs``.
+        warmup: optimiser steps of linear learning-rate warm-up (0: none).
+        schedule: the learning rate after the warm-up: ``"constant"``, or ``"cosine"`` (decays to 0
+            at the epoch cap).
+        threads: CPU threads for training (None: torch's current setting). A fixed count makes the
+            weights reproducible wherever the model is trained (the order of floating-point sums
+            in a CPU kernel depends on the thread count).
+        channels_last: train convolutions in channels-last memory format (faster on CPUs); the
+            model is returned in the default format.
+        snapshots: training-image counts at which to keep a copy of the weights (0 = the initial
+            ones), saved in the checkpoint: ``model.training_snapshots`` {images: state_dict}.
 
     Returns:
         The same model object, in eval mode, with ``model.training_history`` set to a dict:
         ``loss`` (mean cross-entropy per epoch, nats), ``accuracy`` (training accuracy per epoch on
-        the augmented batches, fraction in [0, 1]), ``seconds`` (wall time per epoch), ``cached``
-        (True when loaded), ``checkpoint`` (path or None) and ``key`` (see :func:`checkpoint_key`).
+        the augmented batches, fraction in [0, 1]), ``seconds`` (wall time per epoch), ``images``
+        (training images seen), ``epochs_run`` (images / training-set size), ``stopped``
+        ("epochs", "target" or "patience"), ``checks`` ([images, validation accuracy] pairs),
+        ``validation_accuracy`` (the last check's, or the best one's under a patience rule),
+        ``cached`` (True when loaded), ``checkpoint`` (path or None) and ``key`` (see
+        :func:`checkpoint_key`).
 
     Raises:
         TypeError / ValueError for invalid arguments, naming the argument.
@@ -532,12 +558,28 @@ def train(
         raise ValueError("augment: task='regress-transformation' needs the transformation set to regress")
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
         raise TypeError(f"cache_dir must be None or a path, got {type(cache_dir).__name__}")
+    if stop is not None and not isinstance(stop, EarlyStop):
+        raise TypeError(f"stop must be None or a tmlib.stopping.EarlyStop, got {type(stop).__name__}")
+    if stop is not None and task != "classify":
+        raise ValueError("stop: early stopping uses classification accuracy; task must be 'classify'")
+    warmup = _check_int("warmup", warmup, 0)
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if threads is not None:
+        threads = _check_int("threads", threads, 1)
+    snapshots = tuple(_check_int("snapshots", s, 0) for s in snapshots)
     device = _resolve_device(model, device)
 
     x, y = _dataset_tensors(dataset)
+    fill = _dataset_fill(dataset)
+    if stop is not None:
+        stop.prepare(augment, fill, _dataset_tensors)
+    procedure = {"stop": None if stop is None else stop.fingerprint(), "warmup": warmup, "threads": threads,
+                 "channels_last": channels_last, "snapshots": list(snapshots),
+                 "schedule": None if schedule == "constant" else schedule}
     # The key is computed before training: it must describe the *initial* weights.
     config = _training_config(
-        model, dataset, augment, epochs, seed, batch_size, lr, weight_decay, (x, y), task
+        model, dataset, augment, epochs, seed, batch_size, lr, weight_decay, (x, y), task, procedure
     )
     config_json = _canonical_json(config)
     key = hashlib.sha256(config_json.encode()).hexdigest()
@@ -546,39 +588,33 @@ def train(
     model.to(device)
     cached = path is not None and path.exists()
     if cached:
-        history = _load_checkpoint(model, path, key)
+        history, taken = _load_checkpoint(model, path, key)
     else:
-        history = _fit(
-            model,
-            x,
-            y,
-            augment,
-            _dataset_fill(dataset),
-            epochs,
-            seed,
-            batch_size,
-            lr,
-            weight_decay,
-            device,
-            progress,
-            task,
-        )
+        previous_threads = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        try:
+            history, taken = _fit(model, x, y, augment, fill, epochs, seed, batch_size, lr, weight_decay,
+                                  device, progress, task, stop, warmup, channels_last, snapshots, schedule)
+        finally:
+            torch.set_num_threads(previous_threads)
+            if channels_last:
+                model.to(memory_format=torch.contiguous_format)
+        history["threads"] = threads
         if path is not None:
             state = {
                 k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
                 for k, v in model.state_dict().items()
             }
-            _save_checkpoint(
-                path,
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "key": key,
-                    "config": config_json,
-                    "state_dict": state,
-                    "history": history,
-                },
-            )
+            payload = {"format": CHECKPOINT_FORMAT, "key": key, "config": config_json, "state_dict": state,
+                       "history": history}
+            if taken:
+                payload["snapshots"] = taken
+            _save_checkpoint(path, payload)
     model.eval()
+    model.training_snapshots = taken
     model.training_history = {
         **history,
         "cached": cached,

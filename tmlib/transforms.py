@@ -18,13 +18,16 @@ Conventions (used everywhere in tmlib):
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from .checks import check_images
+from .warps import Fill, degrees_to_radians, rotation_matrix, scale_matrix, translation_matrix, warp
 
 __all__ = [
+    "identity_index",
     "TransformationSet",
     "ExactTransformationSet",
     "degrees_to_radians",
@@ -44,96 +47,6 @@ __all__ = [
     "flips",
     "cyclic_shifts",
 ]
-
-Fill = float | Sequence[float]
-
-
-def degrees_to_radians(degrees: float) -> float:
-    """The single place where tmlib turns user-facing degrees into radians."""
-    return float(degrees) * math.pi / 180.0
-
-
-def rotation_matrix(degrees: float) -> torch.Tensor:
-    """[3, 3] float64 matrix rotating image content by ``degrees`` counter-clockwise on screen.
-
-    With y pointing down, a counter-clockwise turn on screen is ``[[c, s], [-s, c]]``.
-    """
-    theta = degrees_to_radians(degrees)
-    c, s = math.cos(theta), math.sin(theta)
-    # Snap the values of exact quarter turns so that 90° is exactly a pixel permutation.
-    c, s = (round(v) if abs(v - round(v)) < 1e-12 else v for v in (c, s))
-    return torch.tensor([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
-
-
-def scale_matrix(sx: float, sy: float | None = None) -> torch.Tensor:
-    """[3, 3] float64 matrix scaling content by ``sx`` horizontally and ``sy`` vertically."""
-    sy = sx if sy is None else sy
-    if sx <= 0 or sy <= 0:
-        raise ValueError(f"scale factors must be positive, got sx={sx}, sy={sy}")
-    return torch.tensor([[sx, 0.0, 0.0], [0.0, sy, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
-
-
-def translation_matrix(tx: float, ty: float) -> torch.Tensor:
-    """[3, 3] float64 matrix moving content by ``tx``·width right and ``ty``·height down.
-
-    Normalised coordinates span 2 units per image side, hence the factor 2.
-    """
-    return torch.tensor(
-        [[1.0, 0.0, 2.0 * tx], [0.0, 1.0, 2.0 * ty], [0.0, 0.0, 1.0]], dtype=torch.float64
-    )
-
-
-def _fill_tensor(fill: Fill, x: torch.Tensor) -> torch.Tensor | None:
-    """Fill value as a tensor broadcastable to x [..., C, H, W], or None for a zero fill."""
-    values = torch.as_tensor(fill, dtype=x.dtype, device=x.device).flatten()
-    if values.numel() not in (1, x.shape[-3]):
-        raise ValueError(
-            f"fill must be a number or one value per channel ({x.shape[-3]}), got {list(values)}"
-        )
-    if bool((values == 0).all()):
-        return None
-    return values.reshape(-1, 1, 1)
-
-
-def _check_images(x: torch.Tensor, name: str = "x") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [b, C, H, W], got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must have shape [b, C, H, W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor, got dtype {x.dtype}")
-
-
-def warp(x: torch.Tensor, matrices: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
-    """Warp each image of a batch by its own affine matrix.
-
-    Args:
-        x: images [b, C, H, W] (float), on any device.
-        matrices: [b, 3, 3] or [3, 3] content-mapping matrices in normalised coordinates.
-        fill: value outside the input, a number or one per channel (in x's units).
-
-    Returns:
-        [b, C, H, W] warped images on x's device, bilinear interpolation.
-    """
-    _check_images(x)
-    matrices = torch.as_tensor(matrices)
-    if matrices.dim() == 2:
-        matrices = matrices.expand(x.shape[0], 3, 3)
-    if matrices.shape != (x.shape[0], 3, 3):
-        raise ValueError(
-            f"matrices must have shape [{x.shape[0]}, 3, 3] (one per image), "
-            f"got {tuple(matrices.shape)}"
-        )
-    # Invert in float64 for exactness, then sample in the images' dtype.
-    theta = torch.linalg.inv(matrices.to(device=x.device, dtype=torch.float64))[:, :2, :]
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    fill_t = _fill_tensor(fill, x)
-    if fill_t is None:
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    # Zero padding of (x - fill), then + fill, fills the outside with `fill` exactly.
-    warped = F.grid_sample(x - fill_t, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return warped + fill_t
-
 
 class TransformationSet:
     """A finite, ordered set of m affine transformations of images.
@@ -201,6 +114,10 @@ class TransformationSet:
         idx = list(indices)
         return TransformationSet(self.matrices[idx], [self.parameters[i] for i in idx], self.name)
 
+    def identity_index(self, tol: float = 1e-12) -> int | None:
+        """Index of the first transformation equal to the identity (within ``tol``), or None."""
+        return _identity_row(self.matrices, tol)
+
     def inverse(self) -> TransformationSet:
         """The set of exact inverses, in the same order (full-matrix inverse, not per parameter)."""
         inv = torch.linalg.inv(self.matrices)
@@ -208,7 +125,7 @@ class TransformationSet:
 
     def apply(self, x: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
         """All m transformations of every image: x [b, C, H, W] → [b, m, C, H, W] on x's device."""
-        _check_images(x)
+        check_images(x)
         b, m = x.shape[0], len(self)
         xs = x.unsqueeze(1).expand(b, m, *x.shape[1:]).reshape(b * m, *x.shape[1:])
         mats = self.matrices.to(x.device).repeat(b, 1, 1)
@@ -224,7 +141,7 @@ class TransformationSet:
 
     def apply_indexed(self, x: torch.Tensor, indices: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
         """Transformation ``indices[i]`` applied to image ``x[i]`` (used for augmentation)."""
-        _check_images(x)
+        check_images(x)
         indices = torch.as_tensor(indices, device=self.matrices.device).long().cpu()
         if indices.shape != (x.shape[0],):
             raise ValueError(f"indices must have shape [{x.shape[0]}], got {tuple(indices.shape)}")
@@ -294,11 +211,11 @@ class ExactTransformationSet(TransformationSet):
         return ExactTransformationSet([self.elements[i] for i in indices], self.name, self.size)
 
     def apply(self, x: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
-        _check_images(x)
+        check_images(x)
         return torch.stack([self._apply_one(x, e) for e in self.elements], dim=1)
 
     def apply_indexed(self, x: torch.Tensor, indices: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
-        _check_images(x)
+        check_images(x)
         indices = torch.as_tensor(indices).long().cpu()
         if indices.shape != (x.shape[0],):
             raise ValueError(f"indices must have shape [{x.shape[0]}], got {tuple(indices.shape)}")
@@ -311,6 +228,20 @@ class ExactTransformationSet(TransformationSet):
 
 
 # ---------------------------------------------------------------------------- named constructors
+
+
+def _identity_row(matrices: Any, tol: float) -> int | None:
+    matrices = torch.as_tensor(matrices, dtype=torch.float64).cpu()
+    close = (matrices - torch.eye(3, dtype=torch.float64)).abs().amax(dim=(1, 2)) <= tol
+    hits = close.nonzero().flatten()
+    return int(hits[0]) if len(hits) else None
+
+
+def identity_index(ts: Any, tol: float = 1e-12) -> int | None:
+    """:meth:`TransformationSet.identity_index` for any set with ``matrices`` ([m, 3, 3]); None for
+    a set without matrices (a generic set: its identity cannot be recognised)."""
+    matrices = getattr(ts, "matrices", None)
+    return None if matrices is None else _identity_row(matrices, tol)
 
 
 def rotations(n: int = 25, degrees: float = 360.0) -> TransformationSet:

@@ -20,21 +20,22 @@ Degenerate cases (decided here; ``scipy.stats.f_oneway`` returns NaN for the fir
 * MSW = 0 and MSB > 0 (each transformation gives a constant, different value): F = +inf, p = 0,
   rejected. Layer means of F skip the inf values (as for NV).
 
-The statistic is the shared :class:`~tmlib.measures.moments.STMoments` (same key as TV/SV/NV), so
-ANOVA costs no forwards and no accumulation beyond what the variance measures already do.
+The statistic is the shared :class:`~tmlib.measures.moments.Moments` (the spec of TV/SV/NV), so
+ANOVA costs no forwards and no accumulation beyond what the variance measures already do. F comes
+from :func:`~tmlib.measures.functional.anova_f`, computed once per layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
-from ..results import MeasureResult
-from .base import LayerInfo, Measure, PassContext
-from .moments import STMoments
+from .base import LayerInfo, LayerValue, Measure, StatSpec
+from .functional import anova_f as _anova_f_of_moments
+from .moments import Moments, STMoments
 
 __all__ = ["AnovaMeasure", "anova_f"]
 
@@ -43,17 +44,7 @@ _OUTPUTS = ("F", "p", "reject")
 
 def anova_f(state: STMoments) -> tuple[np.ndarray, int, int]:
     """F per activation from accumulated moments: (F [F_count] float64, df_between, df_within)."""
-    n, m = state.n, state.m
-    means = state.column_mean()  # [m, F]
-    # Deviations from the first group, not from the grand mean: identical group means then give
-    # exactly 0 (a float mean of m equal numbers need not equal them), so MSB = 0 exactly.
-    dev = means - means[:1]
-    dev -= dev.mean(axis=0, keepdims=True)
-    msb = n * np.square(dev).sum(axis=0) / (m - 1)
-    msw = state.column_variance().mean(axis=0)  # exact 0 for constant columns (shifted sums)
-    f = np.where(msb > 0, np.inf, 0.0)  # the MSW = 0 cases: x/0 → inf, 0/0 → 0
-    np.divide(msb, msw, out=f, where=msw > 0)
-    return f, m - 1, m * (n - 1)
+    return _anova_f_of_moments(state.column_mean(), state.column_variance(), state.n)
 
 
 class AnovaMeasure(Measure):
@@ -66,15 +57,16 @@ class AnovaMeasure(Measure):
             ``"p"`` (p-values) or ``"reject"`` (1.0 where H0 is rejected, else 0.0 — so the layer
             mean is the fraction of activations whose mean depends on the transformation).
 
-    Values are shaped like the activation ([C, H, W] or [F]). Whatever ``output``, the result's
-    metadata holds ``rejection_fraction`` ({layer: fraction of activations rejecting H0}),
-    ``alpha_per_test`` ({layer: α'}) and the degrees of freedom ``df_between``, ``df_within``.
+    Values are shaped like the activation ([C, H, W] or [F]). Whatever ``output``, each layer's
+    metadata (``result.layer_metadata``, columns of ``to_frame()``) holds ``rejection_fraction``
+    (fraction of activations rejecting H0) and ``alpha_per_test`` (α'); ``result.metadata`` holds
+    them too as {layer: value}, and the degrees of freedom ``df_between``, ``df_within``.
     """
 
     short_name = "ANOVA"
+    legacy_metadata = ("rejection_fraction", "alpha_per_test")
 
     def __init__(self, alpha: float = 0.01, bonferroni: bool = True, output: str = "F") -> None:
-        super().__init__()
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
             raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
         if not isinstance(bonferroni, bool):
@@ -89,15 +81,12 @@ class AnovaMeasure(Measure):
     def options(self) -> dict[str, Any]:
         return {"output": self.output, "alpha": self.alpha, "bonferroni": self.bonferroni}
 
-    def statistic_key(self) -> Hashable:
-        return STMoments  # shared with TV/SV/NV: no extra accumulation
-
-    def new_state(self, layer: LayerInfo, context: PassContext) -> STMoments:
-        return STMoments(context.m, int(np.prod(layer.shape)), context.device, context.backend)
+    def spec(self) -> StatSpec:
+        return Moments()  # shared with TV/SV/NV: no extra accumulation
 
     def alpha_per_test(self, layer: LayerInfo) -> float:
         """α' for one activation of ``layer``."""
-        return self.alpha / int(np.prod(layer.shape)) if self.bonferroni else self.alpha
+        return self.alpha / layer.size if self.bonferroni else self.alpha
 
     def table(self, state: STMoments, layer: LayerInfo) -> dict[str, Any]:
         """The whole table for one layer: F, p, reject (flat float64 arrays) and the dfs."""
@@ -106,18 +95,11 @@ class AnovaMeasure(Measure):
         reject = (p < self.alpha_per_test(layer)).astype(np.float64)
         return {"F": f, "p": p, "reject": reject, "df_between": df1, "df_within": df2}
 
-    def compute_layer(self, state: STMoments, layer: LayerInfo) -> np.ndarray:
-        return self.table(state, layer)[self.output].reshape(layer.shape)
+    def compute_layer(self, state: STMoments, layer: LayerInfo, fixed: Mapping[str, Any] | None = None) -> LayerValue:
+        table = self.table(state, layer)
+        meta = {"rejection_fraction": float(table["reject"].mean()), "alpha_per_test": self.alpha_per_test(layer)}
+        return LayerValue(table[self.output].reshape(layer.shape), meta)
 
-    def compute(self, metadata: dict[str, Any] | None = None) -> MeasureResult:
-        result = super().compute(metadata)
-        fractions, alphas = {}, {}
-        for name, info in self._layers.items():
-            table = self.table(self._states[name], info)
-            fractions[name] = float(table["reject"].mean())
-            alphas[name] = self.alpha_per_test(info)
-            result.metadata["df_between"] = table["df_between"]
-            result.metadata["df_within"] = table["df_within"]
-        result.metadata["rejection_fraction"] = fractions
-        result.metadata["alpha_per_test"] = alphas
-        return result
+    def result_metadata(self, states: Mapping[str, Any]) -> dict[str, Any]:
+        state = next(iter(states.values()))
+        return {"df_between": state.m - 1, "df_within": state.m * (state.n - 1)}

@@ -1,102 +1,188 @@
-"""The measure protocol: a small object that turns a shared per-layer statistic into values.
+"""How a measure is written: declared statistics, checks before the pass, a stateless compute.
 
-Measures follow torchmetrics' ``Metric``: state, ``update``, ``compute``, mergeable states. Unlike a
-metric, the state (e.g. :class:`~tmlib.measures.moments.STMoments`) is *shared*: every measure
-names the statistic it needs through :meth:`Measure.statistic_key`, and the engine keeps one state
-per key and layer, so TV, SV and NV in element and channel mode all come from one accumulation.
+A measure holds options only. It names the statistic it needs as a :class:`StatSpec` — a small
+frozen, hashable dataclass ("the ST moments of a layer", "the orbit sums of a layer", …) whose
+:meth:`~StatSpec.build` makes the state of one layer. Equal specs are one state per layer by
+construction, whatever the order of the measures: TV, SV, NV in every mode, ANOVA and the squared
+distances all read the same :class:`~tmlib.measures.moments.Moments`. The engine
+
+1. calls :meth:`Measure.check` for every measure before the first forward (the same error in every
+   order of the measures), and :meth:`Measure.check_layers` once the first block has revealed the
+   layers;
+2. builds the states from the specs only, feeds them in one pass (``update(block [b, m, *shape])``);
+3. calls :meth:`Measure.compute`, a function of the states (plus metadata) that returns a
+   :class:`~tmlib.results.MeasureResult` with its per-layer metadata. Nothing is stored on the
+   measure, so one object can serve several ``evaluate`` calls.
+
+Like torchmetrics' ``Metric`` (``add_state``/``update``/``compute``/``merge_state``), every state
+merges (:mod:`tmlib.measures.states`); unlike a metric, states live outside the measure, in the
+pass's :class:`~tmlib.measures.collection.PassStates`, because one state feeds many measures.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Hashable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from ..results import MeasureResult
 
-__all__ = ["LayerInfo", "LayerSkippingMeasure", "Measure", "PassContext"]
+__all__ = ["LayerInfo", "LayerSkippingMeasure", "LayerValue", "Measure", "PassContext", "StatSpec"]
 
 
+@dataclass(frozen=True)
 class LayerInfo:
-    """What a measure needs to know about a layer besides its statistic: the activation shape."""
+    """A layer as the pass found it: its name and the activation shape of one sample."""
 
-    def __init__(self, name: str, shape: tuple[int, ...]):
-        self.name = name
-        self.shape = tuple(shape)
+    name: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
 
     @property
     def spatial(self) -> bool:
         """True for feature maps (…, H, W): at least three dimensions per sample."""
         return len(self.shape) >= 3
 
-    def __repr__(self) -> str:
-        return f"LayerInfo({self.name!r}, {self.shape})"
+    @property
+    def size(self) -> int:
+        """Activations per sample."""
+        return math.prod(self.shape)
 
 
 @dataclass
 class PassContext:
-    """What a state may need to know about the pass that feeds it.
+    """What a state or a check may need to know about the pass.
 
     Attributes:
         m: number of transformations.
-        n: number of samples of the pass, known before the first block.
+        n: number of samples of the pass (None when states are fed by hand).
         device: where the model and the accumulators live.
         backend: statistics kernel, ``"auto"``, ``"numba"`` or ``"torch"``.
-        ts: the transformation set (None when a measure is fed by hand with ``update``).
+        ts: the transformation set (None when states are fed by hand without one).
         fill: background value used for the warps.
-        references: reference-pass states by ``(reference key, layer name)``; filled by the engine
-            before the main pass for measures that declare a :meth:`Measure.reference_key`.
     """
 
     m: int
-    n: int | None = None  # samples in the pass (None when fed by hand)
+    n: int | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str = "auto"
     ts: Any = None
     fill: Any = 0.0
-    references: dict = field(default_factory=dict)
+
+
+class StatSpec:
+    """A statistic a measure needs, as a frozen dataclass (subclasses: ``@dataclass(frozen=True)``).
+
+    Equal specs (same class, same fields) share one state per layer. :meth:`build` makes the state
+    of one layer; :meth:`reference_spec` names a statistic of an extra pass over the n untransformed
+    samples that the state needs (its state is handed to :meth:`build` as ``reference``).
+    """
+
+    def reference_spec(self) -> StatSpec | None:
+        return None
+
+    def build(self, layer: LayerInfo, context: PassContext, reference: Any = None) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+
+class LayerValue(NamedTuple):
+    """What :meth:`Measure.compute_layer` may return: the values and per-layer metadata (scalars)."""
+
+    values: np.ndarray
+    metadata: dict[str, Any]
 
 
 class Measure(ABC):
-    """Base class of all measures.
+    """Base class of all measures (see the module docstring).
 
-    Subclasses set ``short_name`` and implement :meth:`new_state` (the statistic to accumulate),
-    :meth:`statistic_key` (equal keys share one state) and :meth:`compute_layer`.
+    Subclasses set ``short_name`` and implement :meth:`spec` and :meth:`compute_layer`; they may
+    refine :meth:`check`, :meth:`skip_reason` (layers they do not measure, e.g. vectors for
+    same-equivariance) and :meth:`result_metadata`.
     """
 
     short_name = "measure"
-
-    def __init__(self) -> None:
-        self._states: dict[str, Any] = {}
-        self._layers: dict[str, LayerInfo] = {}
+    #: False for measures whose states cannot give delete-one-block replicates (evaluate(blocks=K)).
+    supports_blocks = True
+    #: True for measures defined on some layers only: ``metadata["skipped_layers"]`` lists the others.
+    restricted = False
+    #: Per-layer metadata keys also given as ``metadata[key] = {layer: value}`` (earlier releases).
+    legacy_metadata: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ to implement
     @abstractmethod
-    def statistic_key(self) -> Hashable:
-        """Measures with equal keys are fed from one shared state per layer."""
+    def spec(self) -> StatSpec:
+        """The statistic this measure reads; equal specs share one state per layer."""
 
     @abstractmethod
-    def new_state(self, layer: LayerInfo, context: PassContext) -> Any:
-        """A fresh accumulator for one layer, with ``update(block [b, m, *shape])`` and, where the
-        maths allows, ``merge(other)``."""
+    def compute_layer(self, state: Any, layer: LayerInfo, fixed: Mapping[str, Any] | None = None) -> np.ndarray | LayerValue:
+        """The values of one layer from its state. ``fixed``: for jackknife replicates, the
+        full-data result's metadata of this layer, so that data-dependent choices (e.g. G-EED's
+        fallback) stay those of the full data; None otherwise."""
 
-    @abstractmethod
-    def compute_layer(self, state: Any, layer: LayerInfo) -> np.ndarray:
-        """The measure's values for one layer from its accumulated state."""
-
-    # ------------------------------------------------------------------ optional reference pass
-    def reference_key(self) -> Hashable | None:
-        """Non-None for measures that need one extra pass over the n *untransformed* samples
-        before the main pass (e.g. Goodfellow's thresholds). Equal keys share the pass's states."""
+    # ------------------------------------------------------------------ optional
+    def check(self, context: PassContext) -> None:
+        """Raise ValueError if the measure cannot run on this pass (before any forward)."""
         return None
 
-    def new_reference_state(self, layer: LayerInfo, context: PassContext) -> Any:
-        """Accumulator fed with ``update(block [b, *shape])`` during the reference pass."""
-        raise NotImplementedError
+    def skip_reason(self, layer: LayerInfo) -> str | None:
+        """Why the measure does not apply to ``layer`` (None: it applies)."""
+        return None
+
+    def all_skipped_message(self, skipped: dict[str, str]) -> str:
+        return f"{self.name}: every observed layer was skipped: {skipped}"
+
+    def check_layers(self, layers: Mapping[str, LayerInfo]) -> None:
+        """Raise ValueError when no observed layer qualifies (run once the layers are known)."""
+        skipped = {name: r for name, info in layers.items() if (r := self.skip_reason(info)) is not None}
+        if layers and len(skipped) == len(layers):
+            raise ValueError(self.all_skipped_message(skipped))
+
+    def result_metadata(self, states: Mapping[str, Any]) -> dict[str, Any]:
+        """Result-level metadata computed from the states (by layer name)."""
+        return {}
+
+    # ------------------------------------------------------------------ the computation
+    def compute(
+        self,
+        states: Mapping[str, Any],
+        layers: Mapping[str, LayerInfo],
+        metadata: Mapping[str, Any] | None = None,
+        like: MeasureResult | None = None,
+    ) -> MeasureResult:
+        """The result from the layers' states (a function of its arguments: nothing is stored).
+
+        ``like``: the full-data result when computing a jackknife replicate (see compute_layer)."""
+        self.check_layers(layers)
+        values, layer_meta, skipped = {}, {}, {}
+        for name, info in layers.items():
+            reason = self.skip_reason(info)
+            if reason is not None:
+                skipped[name] = reason
+                continue
+            fixed = like.layer_metadata.get(name) if like is not None else None
+            out = self.compute_layer(states[name], info, fixed)
+            if isinstance(out, LayerValue):
+                values[name] = np.asarray(out.values)
+                if out.metadata:
+                    layer_meta[name] = dict(out.metadata)
+            else:
+                values[name] = np.asarray(out)
+        meta: dict[str, Any] = {"measure": self.name, **self.options(), **(metadata or {})}
+        if self.restricted:
+            meta["skipped_layers"] = skipped
+        for key in self.legacy_metadata:
+            legacy = {layer: m[key] for layer, m in layer_meta.items() if key in m}
+            if legacy:
+                meta[key] = legacy
+        meta.update(self.result_metadata({name: states[name] for name in values}))
+        return MeasureResult(self.name, values, meta, layer_metadata=layer_meta)
 
     # ------------------------------------------------------------------ description
     @property
@@ -112,64 +198,9 @@ class Measure(ABC):
         args = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({args})"
 
-    # ------------------------------------------------------------------ standalone use
-    def update(self, layer: str, block: torch.Tensor, backend: str = "auto", ts: Any = None) -> None:
-        """Feed a block of ST rows of one layer: ``block`` [b, m, *activation_shape].
-
-        For measures with a reference pass, use :func:`tmlib.measures.evaluate` instead."""
-        if block.dim() < 3:
-            raise ValueError(f"block must have shape [b, m, *activation], got {tuple(block.shape)}")
-        if layer not in self._states:
-            if self.reference_key() is not None:
-                raise ValueError(f"{self.name} needs a reference pass: use tmlib.measures.evaluate")
-            info = LayerInfo(layer, tuple(block.shape[2:]))
-            self._layers[layer] = info
-            context = PassContext(m=block.shape[1], device=block.device, backend=backend, ts=ts)
-            self._states[layer] = self.new_state(info, context)
-        self._states[layer].update(block)
-
-    def attach(self, layer: LayerInfo, state: Any) -> None:
-        """Use a state accumulated elsewhere (the engine's shared one) for ``layer``."""
-        self._layers[layer.name] = layer
-        self._states[layer.name] = state
-
-    def reset(self) -> None:
-        self._states.clear()
-        self._layers.clear()
-
-    def compute(self, metadata: dict[str, Any] | None = None) -> MeasureResult:
-        values = {name: self.compute_layer(self._states[name], info) for name, info in self._layers.items()}
-        meta = {"measure": self.name, **self.options(), **(metadata or {})}
-        return MeasureResult(self.name, values, meta)
-
 
 class LayerSkippingMeasure(Measure):
-    """A measure defined on some layers only (e.g. feature maps, or vectors of logits).
+    """A measure defined on some layers only (kept for subclasses written against earlier releases:
+    every :class:`Measure` may skip layers; this one sets ``restricted``)."""
 
-    :meth:`compute_layer` runs where :meth:`skip_reason` gives None; the other layers are listed,
-    with their reason, in ``metadata["skipped_layers"]``. A pass in which every layer is skipped is
-    a ValueError (:meth:`all_skipped_message` says why)."""
-
-    def skip_reason(self, state: Any, layer: LayerInfo) -> str | None:
-        return None
-
-    def all_skipped_message(self, skipped: dict[str, str]) -> str:
-        return f"{self.name}: every observed layer was skipped: {skipped}"
-
-    def extra_metadata(self, values: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Entries added to the result's metadata once the values are computed."""
-        return {}
-
-    def compute(self, metadata: dict[str, Any] | None = None) -> MeasureResult:
-        values, skipped = {}, {}
-        for name, info in self._layers.items():
-            reason = self.skip_reason(self._states[name], info)
-            if reason is None:
-                values[name] = self.compute_layer(self._states[name], info)
-            else:
-                skipped[name] = reason
-        if not values:
-            raise ValueError(self.all_skipped_message(skipped))
-        meta = {"measure": self.name, **self.options(), **(metadata or {}), "skipped_layers": skipped}
-        meta.update(self.extra_metadata(values))
-        return MeasureResult(self.name, values, meta)
+    restricted = True

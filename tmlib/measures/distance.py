@@ -25,8 +25,9 @@ How it is computed — the two metrics are deliberately different code paths:
 
 * ``sqeuclidean`` is *exact from moments*: the mean pairwise squared distance of P vectors is
   2 × Σ_coordinates (unbiased variance), so TD = 2·TV[var] and SD = 2·SV[var] per activation,
-  summed over H·W for the channel unit. Single pass, no storage; without ``normalize`` the state is
-  the very :class:`STMoments` that TV/SV/NV use, so asking for both costs nothing extra.
+  summed over H·W for the channel unit. Single pass, no storage; without ``normalize`` the spec is
+  the very :class:`~tmlib.measures.moments.Moments` that TV/SV/NV declare, so asking for both
+  costs nothing extra.
 * ``euclidean`` needs the raw values. TD is complete inside a block (every sample comes with all
   its m transformations). SD needs all n samples of each column: the state keeps every value in a
   float32 buffer (n·m·F·4 bytes per layer, ``max_memory_mb`` per layer, 1024 by default; exceeding
@@ -36,24 +37,32 @@ How it is computed — the two metrics are deliberately different code paths:
   identity Σ_{p<p'} |x_p − x_p'| = Σ_k (2k − P − 1) x_(k) (O(P log P), exact); vectors use a float64
   Gram matrix of the values shifted by the first member of their row/column (so constant rows and
   columns give exactly 0, which NV's convention needs; otherwise the absolute error is ≲ 1e-8 × the
-  vectors' spread). TD keeps no buffer (its own state); SD and ND share one, which also sums the
-  rows for ND, so TD + ND with ``euclidean`` compute the row distances twice (cheap next to SD).
+  vectors' spread); the kernels are :func:`~tmlib.measures.functional.pairwise_distance_sum`.
+  TD keeps no buffer (its own state); SD and ND share one, which also sums the rows for ND, so
+  TD + ND with ``euclidean`` compute the row distances twice (cheap next to SD). Jackknife
+  replicates (``evaluate(blocks=K)``) recompute SD's column distances for every left-out block:
+  K + 1 times the SD computation, no extra forward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from .base import LayerInfo, Measure, PassContext
-from .moments import STMoments
-from .variance import divide_nv
+from .base import LayerInfo, Measure, PassContext, StatSpec
+from .functional import CHUNK_ELEMENTS, divide_nv, l2_normalize_maps, pairwise_distance_sum
+from .moments import Moments, STMoments
+from .states import SumState
 
 __all__ = [
     "L2NormalizedMoments",
     "NormalizedDistance",
+    "NormalizedMapMoments",
+    "PairwiseDistanceSpec",
     "PairwiseDistances",
     "SampleDistance",
     "TransformationDistance",
@@ -63,22 +72,6 @@ __all__ = [
 
 _UNITS = ("element", "channel")
 _METRICS = ("sqeuclidean", "euclidean")
-# Temporaries of the pairwise computations are kept to about this many float64 values (16 MB):
-# below glibc's 32 MB mmap ceiling, so they are reused from the heap instead of being page-faulted
-# afresh for every chunk (measured: SD of a 32×28×28 layer, n=200, m=25: 5.8 s → 3.7 s vs 32 MB).
-_CHUNK_ELEMENTS = 1 << 21
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-def l2_normalize_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Divide every map (the last dimension) by its L2 norm; all-zero maps stay zero (not NaN).
-
-    One full-size pass: the reciprocal is formed on the small [..., 1] norm tensor, in the maps'
-    dtype (≈4× faster in a profile than a full-size torch.where)."""
-    norm = torch.linalg.vector_norm(maps, dim=-1, keepdim=True)
-    return maps * torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm))
 
 
 def _units(
@@ -99,57 +92,10 @@ def _units(
     return x.reshape(b, m, -1, 1)
 
 
-def _sorted_rows(x: torch.Tensor) -> torch.Tensor:
-    """Each row of x [G, P] sorted ascending. On the CPU numpy's vectorised sort is 7-13× faster than
-    torch.sort for the many short rows met here (measured: 167,000 rows of 25, 20,000 of 200)."""
-    if x.device.type == "cpu":
-        return torch.from_numpy(np.sort(np.ascontiguousarray(x.numpy()), axis=1))
-    return x.sort(dim=1).values
-
-
-def pairwise_distance_sum(x: torch.Tensor) -> torch.Tensor:
-    """Σ_{p<p'} ‖x_p − x_p'‖₂ for each group: x [G, P, D] → [G] float64.
-
-    D = 1 (scalars): sort, then Σ_k (2k − P − 1)·x_(k) with 1-based ranks k — exact, O(P log P).
-    D > 1: ‖u − v‖² = ‖u‖² + ‖v‖² − 2u·v from a float64 Gram matrix, after shifting each group by
-    its first vector (distances are shift-invariant; identical vectors then give exactly 0 and the
-    cancellation error is relative to the spread, not to the magnitude). Chunked over groups and
-    rows so that temporaries stay near ``_CHUNK_ELEMENTS`` float64 values.
-    """
-    g_total, p, d = x.shape
-    out = torch.zeros(g_total, dtype=torch.float64, device=x.device)
-    if p < 2 or g_total == 0:
-        return out
-    if d == 1:
-        ranks = torch.arange(1, p + 1, dtype=torch.float64, device=x.device)
-        weights = 2.0 * ranks - p - 1.0
-        g_chunk = max(1, _CHUNK_ELEMENTS // p)
-        for g0 in range(0, g_total, g_chunk):
-            s = _sorted_rows(x[g0 : g0 + g_chunk, :, 0]).to(torch.float64)
-            s = s - s[:, :1]  # Σ_k w_k = 0, so the shift changes nothing but the rounding
-            out[g0 : g0 + g_chunk] = s @ weights
-        return out
-    r_chunk = max(1, min(p, _CHUNK_ELEMENTS // p))
-    g_chunk = max(1, min(_CHUNK_ELEMENTS // (r_chunk * p), _CHUNK_ELEMENTS // (p * d)))
-    for g0 in range(0, g_total, g_chunk):
-        xs = x[g0 : g0 + g_chunk].to(torch.float64)
-        xs = xs - xs[:, :1]
-        sq = xs.square().sum(-1)  # [g, P]
-        total = torch.zeros(xs.shape[0], dtype=torch.float64, device=x.device)
-        for r0 in range(0, p - 1, r_chunk):
-            r1 = min(p, r0 + r_chunk)
-            # Rows p ∈ [r0, r1) against columns p' ∈ [r0, P); keep p' > p (strict upper triangle).
-            gram = torch.bmm(xs[:, r0:r1], xs[:, r0:].transpose(1, 2))  # [g, r, P − r0]
-            d2 = sq[:, r0:r1, None] + sq[:, None, r0:] - 2.0 * gram
-            total += d2.clamp_(min=0.0).sqrt_().triu_(1).sum((1, 2))
-        out[g0 : g0 + g_chunk] = total
-    return out
-
-
 # ---------------------------------------------------------------------------- states
 
 
-class L2NormalizedMoments:
+class L2NormalizedMoments(SumState):
     """:class:`STMoments` of the ST matrix after L2-normalising every feature map of the block.
 
     The block [b, m, *shape] is normalised per [H, W] map in its own dtype (float32 activations:
@@ -158,11 +104,11 @@ class L2NormalizedMoments:
     unchanged (see the module docstring).
     """
 
+    reductions: ClassVar[dict[str, str]] = {"moments": "state"}
+
     def __init__(self, layer: LayerInfo, context: PassContext) -> None:
         self.layer = layer
-        self.moments = STMoments(
-            context.m, int(np.prod(layer.shape)), context.device, context.backend
-        )
+        self.moments = STMoments(context.m, layer.size, context.device, context.backend)
 
     def update(self, block: torch.Tensor) -> None:
         if self.layer.spatial:
@@ -171,22 +117,18 @@ class L2NormalizedMoments:
             block = l2_normalize_maps(maps)
         self.moments.update(block)
 
-    def merge(self, other: L2NormalizedMoments) -> L2NormalizedMoments:
-        self.moments.merge(other.moments)
-        return self
 
-    def is_finite(self) -> bool:
-        return self.moments.is_finite()
-
-
-class PairwiseDistances:
+class PairwiseDistances(SumState):
     """Exact mean pairwise Euclidean distances over whole rows and (optionally) whole columns.
 
     Units are G groups of D coordinates (see :func:`_units`). Rows are summarised per block as
     Σ_i mean_{j<j'} d(A_ij, A_ij') [G] (float64). With ``keep_columns`` every block is also kept as
     float32 [m·G, b, D] on the state's device (n·m·G·D·4 bytes in all, at most ``max_memory_mb``)
-    for the column distances, computed once in :meth:`sample` and cached.
+    for the column distances, computed once in :meth:`sample` and cached. Merging adds the row
+    sums and concatenates the kept blocks (exact: pairs across the parts are formed in ``sample``).
     """
+
+    reductions: ClassVar[dict[str, str]] = {"row_sum": "sum", "columns": "cat", "n": "sum"}
 
     def __init__(
         self,
@@ -195,7 +137,7 @@ class PairwiseDistances:
         unit: str,
         normalize: bool,
         keep_columns: bool,
-        max_memory_mb: float,
+        max_memory_mb: float | None,
     ) -> None:
         if context.m < 2:
             raise ValueError(
@@ -205,7 +147,7 @@ class PairwiseDistances:
         self.m = context.m
         self.device = torch.device(context.device)
         self.keep_columns = keep_columns
-        self.max_bytes = float(max_memory_mb) * 2**20
+        self.max_bytes = float(max_memory_mb) * 2**20 if max_memory_mb is not None else float("inf")
         self.n = 0
         self.row_sum: torch.Tensor | None = None  # [G] float64, created with the first block
         self.columns: list[torch.Tensor] = []  # float32 [m·G, b, D] blocks, column-major
@@ -239,22 +181,14 @@ class PairwiseDistances:
         self._sample_cache = None
 
     def merge(self, other: PairwiseDistances) -> PairwiseDistances:
-        """Exact: row sums add, stored columns concatenate (column pairs across the two parts are
-        formed when :meth:`sample` runs)."""
-        if other.n == 0:
-            return self
-        self.row_sum = (
-            other.row_sum.to(self.device).clone()
-            if self.row_sum is None
-            else self.row_sum + other.row_sum.to(self.device)
-        )
-        self.columns += [c.to(self.device) for c in other.columns]
-        self.n += other.n
+        super().merge(other)
         self._sample_cache = None
         return self
 
-    def is_finite(self) -> bool:
-        return self.row_sum is None or bool(torch.isfinite(self.row_sum).all())
+    def copy(self) -> PairwiseDistances:
+        new = super().copy()
+        new._sample_cache = None
+        return new
 
     def transformational(self) -> np.ndarray:
         """[G]: (1/n) Σ_i mean_{j<j'} ‖A_ij − A_ij'‖."""
@@ -271,7 +205,7 @@ class PairwiseDistances:
         if self._sample_cache is None:
             q_total, _, d = self.columns[0].shape
             sums = torch.empty(q_total, dtype=torch.float64, device=self.device)
-            q_chunk = max(1, _CHUNK_ELEMENTS // (self.n * d))
+            q_chunk = max(1, CHUNK_ELEMENTS // (self.n * d))
             buffer = torch.empty(min(q_chunk, q_total), self.n, d, device=self.device)
             for q0 in range(0, q_total, q_chunk):
                 # Gather only this chunk of columns from all blocks: [q, n, D], into one reused
@@ -282,6 +216,27 @@ class PairwiseDistances:
             means = sums / (self.n * (self.n - 1) / 2)
             self._sample_cache = means.reshape(self.m, -1).mean(0).cpu().numpy()
         return self._sample_cache
+
+
+@dataclass(frozen=True)
+class NormalizedMapMoments(StatSpec):
+    """ST moments of the L2-normalised feature maps (:class:`L2NormalizedMoments`)."""
+
+    def build(self, layer: LayerInfo, context: PassContext, reference: Any = None) -> L2NormalizedMoments:
+        return L2NormalizedMoments(layer, context)
+
+
+@dataclass(frozen=True)
+class PairwiseDistanceSpec(StatSpec):
+    """Euclidean row (and, with ``keep_columns``, column) distances (:class:`PairwiseDistances`)."""
+
+    unit: str
+    normalize: bool
+    keep_columns: bool
+    max_memory_mb: float | None = None
+
+    def build(self, layer: LayerInfo, context: PassContext, reference: Any = None) -> PairwiseDistances:
+        return PairwiseDistances(layer, context, self.unit, self.normalize, self.keep_columns, self.max_memory_mb)
 
 
 # ---------------------------------------------------------------------------- measures
@@ -299,7 +254,6 @@ class _DistanceMeasure(Measure):
         normalize: bool = False,
         max_memory_mb: float = 1024.0,
     ) -> None:
-        super().__init__()
         if unit not in _UNITS:
             raise ValueError(f"unit must be one of {_UNITS}, got {unit!r}")
         if metric not in _METRICS:
@@ -314,22 +268,13 @@ class _DistanceMeasure(Measure):
     def options(self) -> dict:
         return {"unit": self.unit, "metric": self.metric, "normalize": self.normalize}
 
-    def statistic_key(self) -> Hashable:
+    def spec(self) -> StatSpec:
         if self.metric == "sqeuclidean":
-            # Unnormalised: the same STMoments state as TV/SV/NV (the variance family's key).
-            return ("moments-l2normalized",) if self.normalize else STMoments
+            # Unnormalised: the same moments as TV/SV/NV (the variance family's spec).
+            return NormalizedMapMoments() if self.normalize else Moments()
         if self._needs_columns:
-            return ("pairwise-distances", self.unit, self.normalize, True, self.max_memory_mb)
-        return ("pairwise-distances", self.unit, self.normalize, False)
-
-    def new_state(self, layer: LayerInfo, context: PassContext):
-        if self.metric == "sqeuclidean":
-            if self.normalize:
-                return L2NormalizedMoments(layer, context)
-            return STMoments(context.m, int(np.prod(layer.shape)), context.device, context.backend)
-        return PairwiseDistances(
-            layer, context, self.unit, self.normalize, self._needs_columns, self.max_memory_mb
-        )
+            return PairwiseDistanceSpec(self.unit, self.normalize, True, self.max_memory_mb)
+        return PairwiseDistanceSpec(self.unit, self.normalize, False)
 
     # Both return [G]-or-activation-shaped float64 arrays.
     def _shape(self, values: np.ndarray, layer: LayerInfo, summed: bool) -> np.ndarray:
@@ -366,7 +311,7 @@ class TransformationDistance(_DistanceMeasure):
     short_name = "TD"
     _needs_columns = False
 
-    def compute_layer(self, state, layer: LayerInfo) -> np.ndarray:
+    def compute_layer(self, state, layer: LayerInfo, fixed: Mapping[str, Any] | None = None) -> np.ndarray:
         return self._td(state, layer)
 
 
@@ -379,7 +324,7 @@ class SampleDistance(_DistanceMeasure):
 
     short_name = "SD"
 
-    def compute_layer(self, state, layer: LayerInfo) -> np.ndarray:
+    def compute_layer(self, state, layer: LayerInfo, fixed: Mapping[str, Any] | None = None) -> np.ndarray:
         return self._sd(state, layer)
 
 
@@ -388,5 +333,5 @@ class NormalizedDistance(_DistanceMeasure):
 
     short_name = "ND"
 
-    def compute_layer(self, state, layer: LayerInfo) -> np.ndarray:
+    def compute_layer(self, state, layer: LayerInfo, fixed: Mapping[str, Any] | None = None) -> np.ndarray:
         return divide_nv(self._td(state, layer), self._sd(state, layer))

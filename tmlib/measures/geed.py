@@ -18,7 +18,8 @@ cosine is taken over the *whole* activation, not over its last axis.
   *all* n(n−1) ordered pairs, exactly, from the sum of the unit vectors
   (Σ_{i≠j} cos = ‖Σ u_i‖² − Σ ‖u_i‖²): the expectation that random pairs estimate, with no sampling
   noise, mergeable, and independent of the batching. The raw value (1 − S), M and the ratio are all
-  reported (``result.metadata["raw"]``, ``["baseline"]``; :func:`geed_table`).
+  reported per layer (``result.layer_metadata``, columns of ``result.to_frame()``: raw, baseline,
+  method, relative; also ``result.metadata["raw"]``, ``["baseline"]``; :func:`geed_table`).
   *Guard:* with centred features (e.g. after BatchNorm, no ReLU) M is ≈ 0 or negative, and S/M is
   meaningless. Where M ≤ ``min_baseline`` the layer falls back to Euclidean distances, with a
   warning and ``metadata["method"][layer] = "euclidean-fallback"``: the ratio is then
@@ -40,31 +41,38 @@ cosine is taken over the *whole* activation, not over its last axis.
 
 f(x) of the untransformed sample is the identity column of the pass (``ts`` must contain the
 identity, as ``c4()``, ``d4()``, ``rotations(n)`` and the paper's sets do), so the model sees
-exactly n·m images. Two zero vectors count as identical (cos = 1), a zero and a non-zero vector as
+exactly n·m images; a set without it is refused before the first forward, whatever the order of
+the measures. Two zero vectors count as identical (cos = 1), a zero and a non-zero vector as
 orthogonal (cos = 0). Every state holds float64 sums over samples, so results do not depend on the
-batch size.
+batch size. Jackknife replicates (``evaluate(blocks=K)``) keep each layer's method (cosine or the
+Euclidean fallback) of the full data, so that every replicate estimates the same quantity.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Hashable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ..results import MeasureResult
-from .base import LayerInfo, LayerSkippingMeasure, PassContext
-from .same_equivariance import identity_index
+from ..transforms import identity_index
+from .base import LayerInfo, LayerValue, Measure, PassContext, StatSpec
+from .functional import cosine_from_products, cosine_similarity
+from .states import ShiftedMoments, SumState
 
 __all__ = [
     "GEEDEquivariance",
     "GEEDInvariance",
     "GEEDOutputKL",
+    "LatentEquivarianceSpec",
     "LatentEquivarianceState",
+    "OrbitSpec",
     "OrbitState",
     "cosine_similarity",
     "geed_table",
@@ -72,11 +80,6 @@ __all__ = [
 
 _METRICS = ("cosine", "euclidean")
 Action = Callable[[torch.Tensor], torch.Tensor]
-
-
-def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """cos(a, b) over the last dimension, with two zero vectors → 1 and one zero vector → 0."""
-    return _cosine_from_products((a * b).sum(dim=-1), a.square().sum(dim=-1), b.square().sum(dim=-1))
 
 
 def _required_identity(ts: Any, what: str) -> int:
@@ -99,20 +102,14 @@ def _check_metric(metric: Any) -> str:
 # ---------------------------------------------------------------------------- states
 
 
-def _cosine_from_products(dot: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
-    """cos from a·b, ‖a‖², ‖b‖² with :func:`cosine_similarity`'s conventions for zero vectors."""
-    both = (sq_a > 0) & (sq_b > 0)
-    denominator = torch.where(both, (sq_a * sq_b).sqrt(), torch.ones_like(dot))
-    cos = torch.where(both, dot / denominator, torch.zeros_like(dot)).clamp(-1.0, 1.0)
-    return torch.where((sq_a == 0) & (sq_b == 0), torch.ones_like(cos), cos)
-
-
-class _PairSums:
+class _PairSums(SumState):
     """Float64 sums of cos and ‖·‖ between paired vectors, from their dot products (mergeable).
 
     Working from a·b, ‖a‖², ‖b‖² keeps one read of the float64 data per product instead of a
     temporary per operation; ‖a − b‖² = ‖a‖² + ‖b‖² − 2a·b then has an absolute rounding floor of
     ~1e-16·‖a‖², i.e. distances below ~1e-8·‖a‖ read as that floor (cosines are unaffected)."""
+
+    reductions: ClassVar[dict[str, str]] = {"cos": "sum", "dist": "sum", "sqdist": "sum", "count": "sum"}
 
     def __init__(self) -> None:
         self.cos = 0.0
@@ -122,7 +119,7 @@ class _PairSums:
 
     def add_products(self, dot: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> None:
         sqdist = (sq_a + sq_b - 2 * dot).clamp_min(0.0)
-        self.cos += float(_cosine_from_products(dot, sq_a, sq_b).sum())
+        self.cos += float(cosine_from_products(dot, sq_a, sq_b).sum())
         self.dist += float(sqdist.sqrt().sum())
         self.sqdist += float(sqdist.sum())
         self.count += dot.numel()
@@ -132,35 +129,34 @@ class _PairSums:
         self.add_products(torch.einsum("...d,...d->...", a, b), torch.einsum("...d,...d->...", a, a),
                           torch.einsum("...d,...d->...", b, b))
 
-    def merge(self, other: _PairSums) -> None:
-        self.cos += other.cos
-        self.dist += other.dist
-        self.sqdist += other.sqdist
-        self.count += other.count
 
-    def is_finite(self) -> bool:
-        return math.isfinite(self.cos + self.dist + self.sqdist)
-
-
-class OrbitState:
+class OrbitState(SumState):
     """Per layer: orbit deviations from the centroid, the untransformed-pair baseline and, for
     vector layers, the softmax KL to the orbit's mean prediction. ``update(block [b, m, *shape])``.
+
+    Baseline over the untransformed samples (the identity column): Σ of unit vectors (cosine) and
+    the :class:`ShiftedMoments` of the vectors (Euclidean: shifted by the first sample, so that close
+    vectors do not cancel badly).
     """
+
+    reductions: ClassVar[dict[str, str]] = {
+        "orbit": "state", "kl": "sum", "unit_sum": "sum", "unit_sqnorm": "sum", "zeros": "sum", "vectors": "state",
+    }
 
     def __init__(self, layer: LayerInfo, context: PassContext) -> None:
         self.layer = layer
         self.identity = identity_index(context.ts) if context.ts is not None else None
         self.orbit = _PairSums()
         self.kl = 0.0 if len(layer.shape) == 1 else None
-        # Baseline over untransformed samples: Σ unit vectors (cosine), shifted Σ a and Σ ‖a‖²
-        # (Euclidean; shifted by the first sample so that close vectors do not cancel badly).
         self.unit_sum: torch.Tensor | None = None
         self.unit_sqnorm = 0.0  # Σ ‖u_i‖² (= number of non-zero vectors)
         self.zeros = 0  # all-zero untransformed activations
-        self.shift: torch.Tensor | None = None
-        self.vec_sum: torch.Tensor | None = None
-        self.sq_sum = 0.0
-        self.n = 0
+        self.vectors = ShiftedMoments((layer.size,), context.device)
+
+    @property
+    def n(self) -> int:
+        """Untransformed samples in the baseline."""
+        return self.vectors.n
 
     def update(self, block: torch.Tensor) -> None:
         b, m = block.shape[:2]
@@ -180,41 +176,11 @@ class OrbitState:
     def _add_baseline(self, a: torch.Tensor) -> None:
         norms = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
         units = torch.where(norms > 0, a / torch.where(norms > 0, norms, torch.ones_like(norms)), 0.0)
-        if self.shift is None:
-            self.shift = a[0].clone()
-            self.unit_sum = torch.zeros_like(self.shift)
-            self.vec_sum = torch.zeros_like(self.shift)
-        shifted = a - self.shift
-        self.unit_sum += units.sum(dim=0)
+        total = units.sum(dim=0)
+        self.unit_sum = total if self.unit_sum is None else self.unit_sum + total
         self.unit_sqnorm += float(units.square().sum())
         self.zeros += int((norms == 0).sum())
-        self.vec_sum += shifted.sum(dim=0)
-        self.sq_sum += float(shifted.square().sum())
-        self.n += a.shape[0]
-
-    def merge(self, other: OrbitState) -> OrbitState:
-        self.orbit.merge(other.orbit)
-        if self.kl is not None:
-            self.kl += other.kl
-        if other.n:
-            if self.shift is None:
-                self.shift, self.unit_sum = other.shift.clone(), other.unit_sum.clone()
-                self.vec_sum = other.vec_sum.clone()
-                self.unit_sqnorm, self.zeros, self.sq_sum, self.n = other.unit_sqnorm, other.zeros, other.sq_sum, other.n
-            else:
-                # Re-express the other's shifted sums around this state's shift.
-                delta = other.shift.to(self.shift.device) - self.shift
-                other_vec = other.vec_sum.to(self.shift.device)
-                self.sq_sum += other.sq_sum + 2 * float(delta @ other_vec) + other.n * float(delta @ delta)
-                self.vec_sum += other_vec + other.n * delta
-                self.unit_sum += other.unit_sum.to(self.shift.device)
-                self.unit_sqnorm += other.unit_sqnorm
-                self.zeros += other.zeros
-                self.n += other.n
-        return self
-
-    def is_finite(self) -> bool:
-        return self.orbit.is_finite() and (self.kl is None or math.isfinite(self.kl))
+        self.vectors.update(a)
 
     # ------------------------------------------------------------------ read-outs
     def similarity(self) -> float:
@@ -234,9 +200,10 @@ class OrbitState:
         return pairs / (n * (n - 1))
 
     def rms_pair_distance(self) -> float:
-        """sqrt(mean over ordered pairs i ≠ j of ‖f(x_i) − f(x_j)‖²), exact from the sums."""
+        """sqrt(mean over ordered pairs i ≠ j of ‖f(x_i) − f(x_j)‖²), exact from the moments."""
         n = self._pairs_available()
-        mean_sq = 2 * (n * self.sq_sum - float(self.vec_sum @ self.vec_sum)) / (n * (n - 1))
+        s1 = self.vectors.s1
+        mean_sq = 2 * (n * float(self.vectors.s2.sum()) - float(s1 @ s1)) / (n * (n - 1))
         return math.sqrt(max(mean_sq, 0.0))
 
     def mean_kl(self) -> float:
@@ -251,8 +218,10 @@ class OrbitState:
         return self.n
 
 
-class LatentEquivarianceState:
+class LatentEquivarianceState(SumState):
     """Σ over (x, g) of cos and ‖·‖ between f(g·x) and g·f(x), f(x) the identity column."""
+
+    reductions: ClassVar[dict[str, str]] = {"pairs": "state"}
 
     def __init__(self, layer: LayerInfo, context: PassContext, action: Action | None) -> None:
         self.layer = layer
@@ -272,18 +241,55 @@ class LatentEquivarianceState:
             )
         self.pairs.add(block.reshape(b, m, -1).to(torch.float64), expected.reshape(b, m, -1).to(torch.float64))
 
-    def merge(self, other: LatentEquivarianceState) -> LatentEquivarianceState:
-        self.pairs.merge(other.pairs)
-        return self
+    def __getstate__(self) -> dict[str, Any]:  # the action is needed only while the pass runs
+        return {**self.__dict__, "action": None}
 
-    def is_finite(self) -> bool:
-        return self.pairs.is_finite()
+
+@dataclass(frozen=True)
+class OrbitSpec(StatSpec):
+    """Orbit sums of a layer (:class:`OrbitState`), shared by GEEDInvariance and GEEDOutputKL."""
+
+    def build(self, layer: LayerInfo, context: PassContext, reference: Any = None) -> OrbitState:
+        return OrbitState(layer, context)
+
+
+def _action_for(action: Any, layer: LayerInfo) -> Any:
+    """The layer's entry of an action spec: a string, a callable or None (no action)."""
+    if isinstance(action, tuple):  # a mapping, as sorted (layer, action) pairs
+        return dict(action).get(layer.name)
+    if action == "spatial" and not layer.spatial:
+        return None
+    return action
+
+
+@dataclass(frozen=True)
+class LatentEquivarianceSpec(StatSpec):
+    """Pair sums of f(g·x) and g·f(x) (:class:`LatentEquivarianceState`) for an action of the group:
+    ``"spatial"``, ``"trivial"``, a callable, or sorted ``(layer, action)`` pairs."""
+
+    action: Any
+
+    def build(self, layer: LayerInfo, context: PassContext, reference: Any = None) -> LatentEquivarianceState:
+        return LatentEquivarianceState(layer, context, _layer_action(_action_for(self.action, layer), layer, context.ts))
+
+
+def _layer_action(action: Any, layer: LayerInfo, ts: Any) -> Action | None:
+    if action == "trivial":
+        return lambda fx: fx.unsqueeze(1).expand(fx.shape[0], len(ts), *fx.shape[1:])
+    if action == "spatial":
+
+        def spatial(fx: torch.Tensor) -> torch.Tensor:
+            maps = fx.reshape(fx.shape[0], -1, *layer.shape[-2:])
+            return ts.apply(maps, fill=0.0).reshape(fx.shape[0], len(ts), *layer.shape)
+
+        return spatial
+    return action  # a callable, or None
 
 
 # ---------------------------------------------------------------------------- measures
 
 
-class GEEDInvariance(LayerSkippingMeasure):
+class GEEDInvariance(Measure):
     """Invariance G-EED: mean d(f(g·x), c_x) over samples and group elements, one value per layer.
 
     Args:
@@ -291,12 +297,16 @@ class GEEDInvariance(LayerSkippingMeasure):
         normalize: report S/M, the mean cosine similarity to the centroid over the mean cosine
             similarity of untransformed pairs (cosine metric only); see the module docstring.
         min_baseline: the guard: layers with M ≤ this fall back to normalised Euclidean deviations.
+
+    With ``normalize``, each layer's metadata holds ``raw`` (1 − S), ``baseline`` (M), ``method``
+    (``"cosine"`` or ``"euclidean-fallback"``), ``relative`` ((1 − S)/(1 − M), or the fallback's
+    ratio) and, on fallback layers, ``pair_distance``.
     """
 
     short_name = "GEED-inv"
+    legacy_metadata = ("raw", "baseline", "method")
 
     def __init__(self, metric: str = "cosine", normalize: bool = False, min_baseline: float = 1e-3) -> None:
-        super().__init__()
         self.metric = _check_metric(metric)
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be True or False, got {normalize!r}")
@@ -306,27 +316,28 @@ class GEEDInvariance(LayerSkippingMeasure):
             raise ValueError(f"min_baseline must be a finite number ≥ 0, got {min_baseline!r}")
         self.normalize = normalize
         self.min_baseline = float(min_baseline)
-        self._diagnostics: dict[str, dict[str, Any]] = {}
 
     def options(self) -> dict[str, Any]:
         return {"metric": self.metric, "normalize": self.normalize}
 
-    def statistic_key(self) -> Hashable:
-        return ("geed-orbit",)
+    def spec(self) -> StatSpec:
+        return OrbitSpec()
 
-    def new_state(self, layer: LayerInfo, context: PassContext) -> OrbitState:
+    def check(self, context: PassContext) -> None:
         if self.normalize:
             _required_identity(context.ts, "the normalised G-EED's baseline M")
-        return OrbitState(layer, context)
 
-    def compute_layer(self, state: OrbitState, layer: LayerInfo) -> np.ndarray:
+    def compute_layer(self, state: OrbitState, layer: LayerInfo, fixed: Mapping[str, Any] | None = None):
         raw = 1.0 - state.similarity() if self.metric == "cosine" else state.mean_distance()
         if not self.normalize:
             return np.array(raw)
         baseline = state.cosine_baseline()
-        if baseline > self.min_baseline:
-            self._diagnostics[layer.name] = {"raw": raw, "baseline": baseline, "method": "cosine"}
-            return np.array(state.similarity() / baseline)
+        method = fixed["method"] if fixed else ("cosine" if baseline > self.min_baseline else "euclidean-fallback")
+        if method == "cosine":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                relative = float(np.float64(raw) / (1.0 - np.float64(baseline)))
+            meta = {"raw": raw, "baseline": baseline, "method": method, "relative": relative}
+            return LayerValue(np.array(state.similarity() / baseline), meta)
         pair = state.rms_pair_distance()
         warnings.warn(
             f"layer {layer.name!r}: mean cosine similarity of untransformed pairs M = {baseline:.3g} ≤ "
@@ -334,46 +345,28 @@ class GEEDInvariance(LayerSkippingMeasure):
             "to RMS orbit distance / RMS pairwise distance (0 = invariant)",
             stacklevel=2,
         )
-        self._diagnostics[layer.name] = {
-            "raw": raw, "baseline": baseline, "method": "euclidean-fallback", "pair_distance": pair,
-        }
         ratio = state.rms_distance() / pair if pair > 0 else (0.0 if state.rms_distance() == 0 else math.inf)
-        return np.array(ratio)
-
-    def compute(self, metadata: dict[str, Any] | None = None) -> MeasureResult:
-        self._diagnostics = {}
-        return super().compute(metadata)
-
-    def extra_metadata(self, values: dict[str, np.ndarray]) -> dict[str, Any]:
-        if not self.normalize:
-            return {}
-        d = self._diagnostics
-        return {
-            "raw": {k: d[k]["raw"] for k in values},
-            "baseline": {k: d[k]["baseline"] for k in values},
-            "method": {k: d[k]["method"] for k in values},
-        }
+        meta = {"raw": raw, "baseline": baseline, "method": method, "relative": ratio, "pair_distance": pair}
+        return LayerValue(np.array(ratio), meta)
 
 
-class GEEDOutputKL(LayerSkippingMeasure):
+class GEEDOutputKL(Measure):
     """Output-layer G-EED: mean KL( softmax f(g·x) ‖ mean_h softmax f(h·x) ), in nats, per vector layer."""
 
     short_name = "GEED-KL"
+    restricted = True
 
-    def statistic_key(self) -> Hashable:
-        return ("geed-orbit",)
+    def spec(self) -> StatSpec:
+        return OrbitSpec()
 
-    def new_state(self, layer: LayerInfo, context: PassContext) -> OrbitState:
-        return OrbitState(layer, context)
+    def skip_reason(self, layer: LayerInfo) -> str | None:
+        return None if len(layer.shape) == 1 else "not a vector of logits"
 
-    def skip_reason(self, state: OrbitState, layer: LayerInfo) -> str | None:
-        return None if state.kl is not None else "not a vector of logits"
-
-    def compute_layer(self, state: OrbitState, layer: LayerInfo) -> np.ndarray:
+    def compute_layer(self, state: OrbitState, layer: LayerInfo, fixed: Mapping[str, Any] | None = None) -> np.ndarray:
         return np.array(state.mean_kl())
 
 
-class GEEDEquivariance(LayerSkippingMeasure):
+class GEEDEquivariance(Measure):
     """Latent-equivariance G-EED: mean d(f(g·x), g·f(x)) per layer, for a known action of G.
 
     Args:
@@ -384,9 +377,9 @@ class GEEDEquivariance(LayerSkippingMeasure):
     """
 
     short_name = "GEED-eq"
+    restricted = True
 
     def __init__(self, metric: str = "cosine", action: str | Action | Mapping[str, str | Action] = "spatial") -> None:
-        super().__init__()
         self.metric = _check_metric(metric)
         if isinstance(action, Mapping):
             for name, one in action.items():
@@ -404,34 +397,21 @@ class GEEDEquivariance(LayerSkippingMeasure):
         kind = self.action if isinstance(self.action, str) else "custom"
         return {"metric": self.metric, "action": kind}
 
-    def statistic_key(self) -> Hashable:
-        action = self.action if isinstance(self.action, str) else id(self.action)
-        return ("geed-equivariance", action)
+    def spec(self) -> StatSpec:
+        action = tuple(sorted(self.action.items())) if isinstance(self.action, Mapping) else self.action
+        return LatentEquivarianceSpec(action)
 
-    def _layer_action(self, layer: LayerInfo, ts: Any) -> Action | None:
-        action = self.action.get(layer.name) if isinstance(self.action, Mapping) else self.action
-        if action == "trivial":
-            return lambda fx: fx.unsqueeze(1).expand(fx.shape[0], len(ts), *fx.shape[1:])
-        if action == "spatial":
-            if not layer.spatial:
-                return None
-
-            def spatial(fx: torch.Tensor) -> torch.Tensor:
-                maps = fx.reshape(fx.shape[0], -1, *layer.shape[-2:])
-                return ts.apply(maps, fill=0.0).reshape(fx.shape[0], len(ts), *layer.shape)
-
-            return spatial
-        return action  # a callable, or None (not in the mapping)
-
-    def new_state(self, layer: LayerInfo, context: PassContext) -> LatentEquivarianceState:
+    def check(self, context: PassContext) -> None:
         if context.ts is None:
             raise ValueError("GEEDEquivariance needs the transformation set: use tmlib.measures.evaluate")
-        return LatentEquivarianceState(layer, context, self._layer_action(layer, context.ts))
+        _required_identity(context.ts, "latent equivariance")
 
-    def skip_reason(self, state: LatentEquivarianceState, layer: LayerInfo) -> str | None:
-        return None if state.action is not None else "no action of the group defined on this layer"
+    def skip_reason(self, layer: LayerInfo) -> str | None:
+        action = self.spec().action
+        return None if _action_for(action, layer) is not None else "no action of the group defined on this layer"
 
-    def compute_layer(self, state: LatentEquivarianceState, layer: LayerInfo) -> np.ndarray:
+    def compute_layer(self, state: LatentEquivarianceState, layer: LayerInfo,
+                      fixed: Mapping[str, Any] | None = None) -> np.ndarray:
         p = state.pairs
         return np.array(1.0 - p.cos / p.count if self.metric == "cosine" else p.dist / p.count)
 
@@ -441,33 +421,17 @@ def geed_table(result: MeasureResult) -> pd.DataFrame:
     baseline M, ratio S/M, the method used (cosine, or the Euclidean fallback), and
     ``relative`` = (1 − S)/(1 − M), the deviation in units of a random pair's (0 = invariant,
     1 = an orbit as dissimilar as two different samples; the fallback's ratio on fallback rows).
+    A selection of the columns of ``result.to_frame()`` (the per-layer metadata).
 
     Why ``relative`` as well: S/M reads well on non-negative (ReLU) features, for which M is well
     above 0, but on signed features such as logits M can be small and positive, which inflates
     S/M without any guard firing (measured: a plain CNN's logits, M = 0.045, S/M = 12.2, the
     *least* invariant layer reading the largest ratio). (1 − S)/(1 − M) has no such pole."""
-    meta = result.metadata
-    if not all(key in meta for key in ("raw", "baseline", "method")):
+    frame = result.to_frame()
+    if not all(key in frame for key in ("raw", "baseline", "method", "relative")):
         raise ValueError(
             f"result must come from GEEDInvariance(normalize=True); {result.measure!r} has no raw/baseline/method"
         )
-    layers = result.layer_names
-    raw = np.array([meta["raw"][k] for k in layers], dtype=float)
-    baseline = np.array([meta["baseline"][k] for k in layers], dtype=float)
-    ratio = np.array([float(result[k]) for k in layers])
-    method = [meta["method"][k] for k in layers]
-    cosine = np.array([m == "cosine" for m in method])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        relative = np.where(cosine, raw / (1.0 - baseline), ratio)
-    return pd.DataFrame(
-        {
-            "layer": layers,
-            "index": np.arange(len(layers)),
-            "depth": np.arange(len(layers)) / max(len(layers) - 1, 1),
-            "raw": raw,
-            "baseline": baseline,
-            "ratio": ratio,
-            "relative": relative,
-            "method": method,
-        }
-    )
+    frame["ratio"] = [float(result[k]) for k in result.layer_names]  # the value itself, inf included
+    columns = ["layer", "index", "depth", "raw", "baseline", "ratio", "relative", "method"]
+    return frame[columns].astype({"raw": float, "baseline": float, "relative": float})

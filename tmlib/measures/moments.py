@@ -11,8 +11,10 @@ measures needs, per activation,
 Everything is accumulated in float64 from the float32 activations, so results are exact to float64
 rounding and do not depend on how the samples are split into blocks. Shifting by a member of the
 row/column makes constant rows and columns give exactly zero variance (needed for NV's 0/0 → 1
-convention) and keeps cancellation harmless. States merge exactly (:meth:`STMoments.merge`), so
-partial results from different processes or devices combine into the same answer.
+convention) and keeps cancellation harmless. The columns are a :class:`~.states.ShiftedMoments`
+and the row sums plain sums (:class:`~.states.SumState`), so states merge exactly
+(:meth:`STMoments.merge`) and partial results from different processes or devices combine into
+the same answer. :class:`Moments` is the spec every measure reading these moments declares.
 
 On the CPU the block update is one fused, multi-threaded numba kernel that reads each activation
 once while it is still in cache; on other devices (or without numba) the same arithmetic runs as
@@ -30,9 +32,14 @@ the batch size at ~1e-7, above the 1e-9 the tests demand).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+from .base import LayerInfo, PassContext, StatSpec
+from .states import ShiftedMoments, SumState
 
 try:  # numba is a pinned dependency; the torch path below is the fallback and the GPU path.
     import numba
@@ -44,13 +51,28 @@ try:  # numba is a pinned dependency; the torch path below is the fallback and t
 except ImportError:  # pragma: no cover - exercised only in broken installs
     _HAVE_NUMBA = False
 
-__all__ = ["STMoments", "numba_available"]
+__all__ = ["Moments", "STMoments", "check_backend", "numba_available", "use_numba"]
 
 _TILE = 256  # activations per parallel work item (fastest of 16…256 measured on 2 cores)
 
 
 def numba_available() -> bool:
     return _HAVE_NUMBA
+
+
+def check_backend(backend: Any) -> str:
+    if backend not in ("auto", "numba", "torch"):
+        raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
+    return backend
+
+
+def use_numba(backend: str, device: torch.device) -> bool:
+    """Whether a state on ``device`` runs its fused numba kernel: ``"auto"`` on the CPU when numba
+    is installed, always for ``"numba"`` (which then needs the CPU), never for ``"torch"``."""
+    check_backend(backend)
+    if backend == "numba" and (device.type != "cpu" or not _HAVE_NUMBA):
+        raise ValueError("backend='numba' needs numba installed and device='cpu'")
+    return backend != "torch" and device.type == "cpu" and _HAVE_NUMBA
 
 
 if _HAVE_NUMBA:
@@ -96,7 +118,7 @@ if _HAVE_NUMBA:
                     col_s2[j, f0 + f] += cs2[j, f]
 
 
-class STMoments:
+class STMoments(SumState):
     """Mergeable float64 moments of one layer's ST matrix.
 
     Args:
@@ -104,29 +126,29 @@ class STMoments:
         num_features: activations per sample (the product of the activation's shape).
         device: where the accumulators live (the model's device).
         backend: ``"auto"`` (numba on the CPU when available, else torch), ``"numba"`` or ``"torch"``.
+
+    Fields: ``columns`` (:class:`ShiftedMoments` [m, F] over the samples), ``row_std_sum`` and
+    ``row_var_sum`` ([F], Σ_i std_j and Σ_i var_j). Memory: (3m + 2)·F·8 bytes.
     """
+
+    reductions: ClassVar[dict[str, str]] = {"columns": "state", "row_std_sum": "sum", "row_var_sum": "sum"}
 
     def __init__(self, m: int, num_features: int, device: torch.device | str = "cpu", backend: str = "auto"):
         if m < 2:
             raise ValueError(f"the transformation set must have at least 2 transformations, got m={m}")
-        if backend not in ("auto", "numba", "torch"):
-            raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
         device = torch.device(device)
-        if backend == "numba" and (device.type != "cpu" or not _HAVE_NUMBA):
-            raise ValueError("backend='numba' needs numba installed and device='cpu'")
-        if backend == "auto":
-            backend = "numba" if device.type == "cpu" and _HAVE_NUMBA else "torch"
-        self.backend = backend
+        self.backend = "numba" if use_numba(backend, device) else "torch"
         self.m = m
         self.num_features = num_features
         self.device = device
-        self.n = 0
-        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
-        self.shift: torch.Tensor | None = None
-        self.col_s1 = zeros(m, num_features)
-        self.col_s2 = zeros(m, num_features)
-        self.row_std_sum = zeros(num_features)
-        self.row_var_sum = zeros(num_features)
+        self.columns = ShiftedMoments((m, num_features), device)
+        self.row_std_sum = torch.zeros(num_features, dtype=torch.float64, device=device)
+        self.row_var_sum = torch.zeros(num_features, dtype=torch.float64, device=device)
+
+    @property
+    def n(self) -> int:
+        """Samples accumulated."""
+        return self.columns.n
 
     # ------------------------------------------------------------------ updates
     def update(self, block: torch.Tensor) -> None:
@@ -137,50 +159,33 @@ class STMoments:
             raise ValueError(f"expected {self.num_features} activations per sample, got {block.shape[2]}")
         if block.dtype not in (torch.float32, torch.float64):
             block = block.float()
-        if self.shift is None:
-            self.shift = block[0].to(torch.float64).clone()
-        if self.backend == "numba":
-            _fused_update(
-                np.ascontiguousarray(block.numpy()),
-                self.shift.numpy(),
-                self.col_s1.numpy(),
-                self.col_s2.numpy(),
-                self.row_std_sum.numpy(),
-                self.row_var_sum.numpy(),
-                _TILE,
-            )
-        else:
-            self._torch_update(block)
-        self.n += b
-
-    def _torch_update(self, block: torch.Tensor) -> None:
-        x = block.to(torch.float64)
-        d = x - self.shift
-        self.col_s1 += d.sum(0)
-        self.col_s2 += (d * d).sum(0)
-        r = x - x[:, :1]
-        var = ((r * r).sum(1) - r.sum(1).square() / self.m) / (self.m - 1)
-        var.clamp_(min=0.0)
-        self.row_var_sum += var.sum(0)
-        self.row_std_sum += var.sqrt().sum(0)
+        cols = self.columns
+        if self.backend == "torch":
+            cols.update(block)
+            x = block.to(torch.float64)
+            r = x - x[:, :1]
+            var = ((r * r).sum(1) - r.sum(1).square() / self.m) / (self.m - 1)
+            var.clamp_(min=0.0)
+            self.row_var_sum += var.sum(0)
+            self.row_std_sum += var.sqrt().sum(0)
+            return
+        cols.start(block[0])
+        _fused_update(
+            np.ascontiguousarray(block.numpy()),
+            cols.shift.numpy(),
+            cols.s1.numpy(),
+            cols.s2.numpy(),
+            self.row_std_sum.numpy(),
+            self.row_var_sum.numpy(),
+            _TILE,
+        )
+        cols.n += b
 
     def merge(self, other: STMoments) -> STMoments:
         """Add another state's samples to this one (exact; Chan-style shift change)."""
         if (other.m, other.num_features) != (self.m, self.num_features):
             raise ValueError("can only merge moments of the same layer shape and transformation count")
-        if other.n == 0:
-            return self
-        if self.n == 0:
-            self.shift = other.shift.to(self.device).clone()
-        delta = other.shift.to(self.device) - self.shift
-        o1, o2 = other.col_s1.to(self.device), other.col_s2.to(self.device)
-        # Σ(x−K) = Σ(x−K') + n'δ and Σ(x−K)² = Σ(x−K')² + 2δΣ(x−K') + n'δ², with δ = K' − K.
-        self.col_s2 += o2 + 2 * delta * o1 + other.n * delta * delta
-        self.col_s1 += o1 + other.n * delta
-        self.row_std_sum += other.row_std_sum.to(self.device)
-        self.row_var_sum += other.row_var_sum.to(self.device)
-        self.n += other.n
-        return self
+        return super().merge(other)
 
     # ------------------------------------------------------------------ results, float64 numpy [F]
     def is_finite(self) -> bool:
@@ -196,14 +201,22 @@ class STMoments:
         """[m, F]: unbiased variance over samples, per transformation and activation."""
         if self.n < 2:
             raise ValueError(f"the sample variance needs at least 2 samples, got n={self.n}")
-        var = (self.col_s2 - self.col_s1.square() / self.n) / (self.n - 1)
-        return var.clamp(min=0.0).cpu().numpy()
+        return self.columns.variance().cpu().numpy()
 
     def column_mean(self) -> np.ndarray:
         """[m, F]: mean over samples, per transformation and activation."""
-        return (self.shift + self.col_s1 / self.n).cpu().numpy()
+        return self.columns.mean().cpu().numpy()
 
     def sample(self, stat: str = "std") -> np.ndarray:
         """SV per activation: mean over transformations of the std (or var) over samples."""
         var = self.column_variance()
         return (np.sqrt(var) if stat == "std" else var).mean(axis=0)
+
+
+@dataclass(frozen=True)
+class Moments(StatSpec):
+    """The ST moments of a layer (:class:`STMoments`): read by TV, SV, NV (element and channel
+    mode), ANOVA and the squared-Euclidean distances, one state for all of them."""
+
+    def build(self, layer: LayerInfo, context: PassContext, reference: Any = None) -> STMoments:
+        return STMoments(context.m, layer.size, context.device, context.backend)

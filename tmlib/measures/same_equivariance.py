@@ -16,7 +16,9 @@ input rotates the map the same way. Two views of it:
 
 Only feature maps can be same-equivariant: layers whose activation has no spatial dimensions
 ([F], e.g. Linear outputs) are skipped — their states do nothing, and results list them under
-``metadata["skipped_layers"]``. A pass in which no layer has spatial dimensions is an error.
+``metadata["skipped_layers"]``. A pass in which no layer has spatial dimensions is an error, raised
+after the first block (when the layers are known); a set without exact inverses, or DSES without
+the identity and without ``reference=True``, is an error before the first forward.
 
 Bilinear warps lose content at the borders and interpolate, so only exact groups (``c4()``,
 ``d4()``, ``flips()``) can give exactly 0; affine sets give small positive values even for a
@@ -27,27 +29,31 @@ the *input*: on a downsampled feature map they are not the same translation.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Hashable
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from ..results import MeasureResult
-from .base import LayerInfo, LayerSkippingMeasure, PassContext
-from .distance import l2_normalize_maps
+from ..transforms import identity_index
+from .base import LayerInfo, Measure, PassContext, StatSpec
+from .functional import divide_nv, l2_normalize_maps
 from .moments import STMoments
-from .variance import _VarianceMeasure, divide_nv
+from .states import SumState
+from .variance import VarianceMeasure
 
 __all__ = [
     "DetransformedMoments",
+    "DetransformedMomentsSpec",
     "DistanceSameEquivariance",
     "NormalizedVarianceSE",
     "ReferenceOutputs",
+    "ReferenceOutputsSpec",
+    "SameEquivarianceDistanceSpec",
     "SameEquivarianceDistanceState",
     "SampleVarianceSE",
     "TransformationVarianceSE",
-    "identity_index",
 ]
 
 _SKIP_NOTE = "no spatial dimensions"
@@ -73,18 +79,6 @@ def _inverse_set(ts: Any):
     return inv
 
 
-def identity_index(ts: Any, tol: float = 1e-12) -> int | None:
-    """Index of the first matrix of ``ts`` equal to eye(3) within ``tol``; None if none (or no
-    ``matrices`` attribute)."""
-    matrices = getattr(ts, "matrices", None)
-    if matrices is None:
-        return None
-    matrices = torch.as_tensor(matrices, dtype=torch.float64).cpu()
-    close = (matrices - torch.eye(3, dtype=torch.float64)).abs().amax(dim=(1, 2)) <= tol
-    hits = close.nonzero().flatten()
-    return int(hits[0]) if len(hits) else None
-
-
 def _maps(block: torch.Tensor, layer: LayerInfo, leading: int) -> torch.Tensor:
     """[*lead, *shape] → [*lead, C', H, W] (all dims before H, W merged into channels), float."""
     x = block.reshape(*block.shape[:leading], -1, layer.shape[-2], layer.shape[-1])
@@ -94,22 +88,20 @@ def _maps(block: torch.Tensor, layer: LayerInfo, leading: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- states
 
 
-class DetransformedMoments:
+class DetransformedMoments(SumState):
     """STMoments of B_ij = t_j⁻¹(F(t_j(x_i))) for a spatial layer; a no-op for other layers.
 
     ``update(block [b, m, *shape])`` de-transforms slice j by the exact inverse of matrix j
     (``ts.inverse().apply_each``, background 0) and feeds the result to an :class:`STMoments`.
     """
 
+    reductions: ClassVar[dict[str, str]] = {"moments": "state"}
+
     def __init__(self, layer: LayerInfo, context: PassContext) -> None:
-        self.inverse = _inverse_set(
-            context.ts
-        )  # checked for every layer: fail before the pass runs
         self.layer = layer
+        self.inverse = _inverse_set(context.ts) if layer.spatial else None
         self.moments = (
-            STMoments(context.m, int(np.prod(layer.shape)), context.device, context.backend)
-            if layer.spatial
-            else None
+            STMoments(context.m, layer.size, context.device, context.backend) if layer.spatial else None
         )
 
     def update(self, block: torch.Tensor) -> None:
@@ -117,37 +109,36 @@ class DetransformedMoments:
             return  # non-spatial layer: skipped, see the module docstring
         self.moments.update(self.inverse.apply_each(_maps(block, self.layer, 2), fill=0.0))
 
-    def merge(self, other: DetransformedMoments) -> DetransformedMoments:
-        if self.moments is not None:
-            self.moments.merge(other.moments)
-        return self
 
-    def is_finite(self) -> bool:
-        return self.moments is None or self.moments.is_finite()
-
-
-class ReferenceOutputs:
+class ReferenceOutputs(SumState):
     """Reference-pass state: the outputs F(x_i) of the untransformed samples, for DSES.
 
     Kept as float32 [b, *shape] blocks, in order: n·C·H·W·4 bytes per spatial layer (e.g. 1 GB for
     10,000 samples of a 32×28×28 layer), capped by ``max_memory_mb``. Nothing is kept for
     non-spatial layers, nor when ``ts`` contains the identity (that column of the main pass is
-    F(x_i) already). Read with :meth:`read` by sample index: both passes see the samples in the
-    same order, so the main pass's k-th sample is row k here, whatever the block sizes.
+    F(x_i) already). Read with :meth:`read` by (global) sample index: both passes see the samples
+    in the same order, so the main pass's k-th sample is row k here, whatever the block sizes.
+    Parts of a dataset merge (their blocks are concatenated, keeping their sample indices).
     """
+
+    reductions: ClassVar[dict[str, str]] = {"blocks": "cat", "starts": "cat", "n": "sum"}
 
     def __init__(self, layer: LayerInfo, context: PassContext, max_memory_mb: float) -> None:
         self.layer = layer
         self.active = layer.spatial and identity_index(context.ts) is None
         self.max_bytes = float(max_memory_mb) * 2**20
         self.blocks: list[torch.Tensor] = []
-        self.starts: list[int] = []  # first sample index of each block
+        self.starts: list[int] = []  # global index of the first sample of each block
         self.n = 0
+        self.start = 0  # global index of this state's first sample
+
+    def seek(self, start: int, stop: int | None = None) -> None:
+        self.start = start
 
     def update(self, block: torch.Tensor) -> None:
         if not self.active:
             return
-        needed = (self.n + block.shape[0]) * int(np.prod(self.layer.shape)) * 4
+        needed = (self.n + block.shape[0]) * self.layer.size * 4
         if needed > self.max_bytes:
             raise ValueError(
                 f"layer {self.layer.name!r}: DistanceSameEquivariance's reference pass keeps F(x) of every "
@@ -155,19 +146,26 @@ class ReferenceOutputs:
                 f"samples, over max_memory_mb={self.max_bytes / 2**20:g}; include the identity in ts "
                 "(then nothing is stored), observe fewer layers (layers=[...]), or raise max_memory_mb"
             )
-        self.starts.append(self.n)
+        self.starts.append(self.start + self.n)
         self.blocks.append(block.to(torch.float32, copy=True))  # copy: in-place ops may follow
         self.n += block.shape[0]
 
+    def merge(self, other: ReferenceOutputs) -> ReferenceOutputs:
+        super().merge(other)
+        order = sorted(range(len(self.starts)), key=self.starts.__getitem__)
+        self.starts, self.blocks = [self.starts[i] for i in order], [self.blocks[i] for i in order]
+        return self
+
     def read(self, start: int, count: int) -> torch.Tensor:
-        """Rows [start, start + count) as [count, *shape]."""
-        if start + count > self.n:
-            raise RuntimeError(
-                f"layer {self.layer.name!r}: the main pass reached sample {start + count} but the reference "
-                f"pass stored only {self.n}; both passes must see the same samples in the same order"
-            )
-        parts, k = [], bisect.bisect_right(self.starts, start) - 1
+        """Rows [start, start + count) (global sample indices) as [count, *shape]."""
+        k = bisect.bisect_right(self.starts, start) - 1
+        parts = []
         while count > 0:
+            if k < 0 or k >= len(self.blocks) or not 0 <= start - self.starts[k] < self.blocks[k].shape[0]:
+                raise RuntimeError(
+                    f"layer {self.layer.name!r}: the main pass reached sample {start + count} but the reference "
+                    f"pass stored only {self.n}; both passes must see the same samples in the same order"
+                )
             offset = start - self.starts[k]
             take = min(count, self.blocks[k].shape[0] - offset)
             parts.append(self.blocks[k][offset : offset + take])
@@ -175,12 +173,15 @@ class ReferenceOutputs:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-class SameEquivarianceDistanceState:
+class SameEquivarianceDistanceState(SumState):
     """Σ over (i, j) of d_ij = sqrt(mean_hw (F(t_j x_i) − t_j F(x_i))²) per channel, float64 [C'].
 
     F(x_i) is the identity column of the block when ``ts`` has one, else read from the
-    :class:`ReferenceOutputs` of the same layer with a running sample cursor.
+    :class:`ReferenceOutputs` of the same layer at the sample index (``seek`` tells a state of one
+    sample block where its samples start).
     """
+
+    reductions: ClassVar[dict[str, str]] = {"total": "sum", "count": "sum", "n": "sum"}
 
     def __init__(
         self,
@@ -198,7 +199,13 @@ class SameEquivarianceDistanceState:
         self.spatial = layer.spatial
         self.total: torch.Tensor | None = None
         self.count = 0  # pairs (i, j) seen
-        self.n = 0  # samples seen: the cursor into the reference outputs
+        self.n = 0  # samples seen
+        self.cursor = 0  # index of the next sample: the row of the reference outputs to read
+        self.stop: int | None = None  # the end of this state's samples (None: all of them)
+
+    def seek(self, start: int, stop: int | None = None) -> None:
+        """This state is fed samples ``start`` … ``stop`` − 1 (a state of one sample block)."""
+        self.cursor, self.stop = start, stop
 
     def update(self, block: torch.Tensor) -> None:
         if not self.spatial:
@@ -208,7 +215,7 @@ class SameEquivarianceDistanceState:
         if self.identity is not None:
             fx = y[:, self.identity]
         else:
-            fx = _maps(self.reference.read(self.n, b), self.layer, 1).to(
+            fx = _maps(self.reference.read(self.cursor, b), self.layer, 1).to(
                 device=y.device, dtype=y.dtype
             )
         expected = self.ts.apply(fx, fill=0.0)  # t_j F(x_i): [b, m, C', H, W]
@@ -220,34 +227,62 @@ class SameEquivarianceDistanceState:
         self.total = d if self.total is None else self.total + d
         self.count += b * self.m
         self.n += b
-        if self.reference is not None and self.n == self.reference.n:
+        self.cursor += b
+        if self.reference is not None and self.stop is not None and self.cursor == self.stop:
             self.reference = None  # everything read: let the stored outputs be freed with the pass
-
-    def merge(self, other: SameEquivarianceDistanceState) -> SameEquivarianceDistanceState:
-        if other.total is not None:
-            self.total = (
-                other.total.clone()
-                if self.total is None
-                else self.total + other.total.to(self.total.device)
-            )
-        self.count += other.count
-        self.n += other.n
-        return self
-
-    def is_finite(self) -> bool:
-        return self.total is None or bool(torch.isfinite(self.total).all())
 
     def mean(self) -> np.ndarray:
         return (self.total / self.count).cpu().numpy()
 
 
+@dataclass(frozen=True)
+class DetransformedMomentsSpec(StatSpec):
+    """ST moments of the de-transformed feature maps (:class:`DetransformedMoments`)."""
+
+    def build(self, layer: LayerInfo, context: PassContext, reference: Any = None) -> DetransformedMoments:
+        return DetransformedMoments(layer, context)
+
+
+@dataclass(frozen=True)
+class ReferenceOutputsSpec(StatSpec):
+    """F(x) of the n untransformed samples, kept per spatial layer (:class:`ReferenceOutputs`)."""
+
+    max_memory_mb: float
+
+    def build(self, layer: LayerInfo, context: PassContext, reference: Any = None) -> ReferenceOutputs:
+        return ReferenceOutputs(layer, context, self.max_memory_mb)
+
+
+@dataclass(frozen=True)
+class SameEquivarianceDistanceSpec(StatSpec):
+    """DSES sums per channel (:class:`SameEquivarianceDistanceState`); with ``reference``, F(x) of
+    a set without the identity comes from an extra pass over the untransformed samples."""
+
+    normalize: bool
+    reference: bool
+    max_memory_mb: float
+
+    def reference_spec(self) -> StatSpec | None:
+        return ReferenceOutputsSpec(self.max_memory_mb) if self.reference else None
+
+    def build(self, layer: LayerInfo, context: PassContext, reference: Any = None) -> SameEquivarianceDistanceState:
+        if identity_index(context.ts) is None and reference is None and layer.spatial:
+            raise ValueError(
+                f"layer {layer.name!r}: no reference-pass outputs; DistanceSameEquivariance(reference=True) "
+                "must be evaluated with tmlib.measures.evaluate"
+            )
+        return SameEquivarianceDistanceState(layer, context, self.normalize, reference)
+
+
 # ---------------------------------------------------------------------------- measures
 
 
-class _SpatialOnly(LayerSkippingMeasure):
+class _SpatialOnly(Measure):
     """Computes spatial layers only; the others go to ``metadata["skipped_layers"]``."""
 
-    def skip_reason(self, state: Any, layer: LayerInfo) -> str | None:
+    restricted = True
+
+    def skip_reason(self, layer: LayerInfo) -> str | None:
         return None if layer.spatial else _SKIP_NOTE
 
     def all_skipped_message(self, skipped: dict[str, str]) -> str:
@@ -257,14 +292,17 @@ class _SpatialOnly(LayerSkippingMeasure):
         )
 
 
-class _VarianceSE(_SpatialOnly, _VarianceMeasure):
+class _VarianceSE(_SpatialOnly, VarianceMeasure):
     """TV/SV/NV of the de-transformed ST matrix; options ``mode`` and ``stat`` as the variance family."""
 
-    def statistic_key(self) -> Hashable:
-        return ("same-equivariance-moments",)
+    def spec(self) -> StatSpec:
+        return DetransformedMomentsSpec()
 
-    def new_state(self, layer: LayerInfo, context: PassContext) -> DetransformedMoments:
-        return DetransformedMoments(layer, context)
+    def check(self, context: PassContext) -> None:
+        _inverse_set(context.ts)
+
+    def moments(self, state: DetransformedMoments) -> STMoments:
+        return state.moments
 
 
 class TransformationVarianceSE(_VarianceSE):
@@ -273,8 +311,8 @@ class TransformationVarianceSE(_VarianceSE):
 
     short_name = "TVSE"
 
-    def compute_layer(self, state: DetransformedMoments, layer: LayerInfo) -> np.ndarray:
-        return self._finish(self._tv(state.moments, layer), layer)
+    def compute_layer(self, state: DetransformedMoments, layer: LayerInfo, fixed: Mapping[str, Any] | None = None) -> np.ndarray:
+        return self.tv(state, layer)
 
 
 class SampleVarianceSE(_VarianceSE):
@@ -282,8 +320,8 @@ class SampleVarianceSE(_VarianceSE):
 
     short_name = "SVSE"
 
-    def compute_layer(self, state: DetransformedMoments, layer: LayerInfo) -> np.ndarray:
-        return self._finish(self._sv(state.moments, layer), layer)
+    def compute_layer(self, state: DetransformedMoments, layer: LayerInfo, fixed: Mapping[str, Any] | None = None) -> np.ndarray:
+        return self.sv(state, layer)
 
 
 class NormalizedVarianceSE(_VarianceSE):
@@ -292,10 +330,8 @@ class NormalizedVarianceSE(_VarianceSE):
 
     short_name = "NVSE"
 
-    def compute_layer(self, state: DetransformedMoments, layer: LayerInfo) -> np.ndarray:
-        tv = self._finish(self._tv(state.moments, layer), layer)
-        sv = self._finish(self._sv(state.moments, layer), layer)
-        return divide_nv(tv, sv)
+    def compute_layer(self, state: DetransformedMoments, layer: LayerInfo, fixed: Mapping[str, Any] | None = None) -> np.ndarray:
+        return divide_nv(self.tv(state, layer), self.sv(state, layer))
 
 
 class DistanceSameEquivariance(_SpatialOnly):
@@ -305,12 +341,11 @@ class DistanceSameEquivariance(_SpatialOnly):
         normalize: L2-normalise both maps before comparing them.
         reference: how F(x) of the *untransformed* samples is obtained. ``False`` (default): from the
             identity transformation of ``ts`` (a matrix equal to eye(3)), so the model still sees
-            exactly n·m images; a ``ts`` without the identity then raises a ValueError. ``True``: one
-            extra forward of the n untransformed samples (the engine's reference pass), whose
-            outputs are kept per spatial layer as float32 [n, C, H, W] (≤ ``max_memory_mb`` each)
-            and read back in order. The engine asks for the reference pass before it sees ``ts``,
-            so this cannot be decided automatically; with ``reference=True`` and an identity in
-            ``ts``, the pass still runs but nothing is stored and the identity column is used.
+            exactly n·m images; a ``ts`` without the identity then raises a ValueError (before any
+            forward). ``True``: one extra forward of the n untransformed samples (the engine's
+            reference pass), whose outputs are kept per spatial layer as float32 [n, C, H, W]
+            (≤ ``max_memory_mb`` each) and read back in order; with an identity in ``ts`` the pass
+            still runs but nothing is stored and the identity column is used.
         max_memory_mb: cap on the reference outputs kept per layer.
 
     Returns per spatial layer a float64 array [C]; non-spatial layers are skipped (metadata).
@@ -321,7 +356,6 @@ class DistanceSameEquivariance(_SpatialOnly):
     def __init__(
         self, normalize: bool = False, reference: bool = False, max_memory_mb: float = 1024.0
     ) -> None:
-        super().__init__()
         if not isinstance(normalize, bool) or not isinstance(reference, bool):
             raise TypeError(
                 f"normalize and reference must be True or False, got {normalize!r}, {reference!r}"
@@ -335,43 +369,27 @@ class DistanceSameEquivariance(_SpatialOnly):
     def options(self) -> dict:
         return {"normalize": self.normalize}
 
-    def statistic_key(self) -> Hashable:
-        return ("same-equivariance-distance", self.normalize, self.reference, self.max_memory_mb)
+    def spec(self) -> StatSpec:
+        return SameEquivarianceDistanceSpec(self.normalize, self.reference, self.max_memory_mb)
 
-    def reference_key(self) -> Hashable | None:
-        return ("untransformed-outputs", self.max_memory_mb) if self.reference else None
-
-    def new_reference_state(self, layer: LayerInfo, context: PassContext) -> ReferenceOutputs:
-        return ReferenceOutputs(layer, context, self.max_memory_mb)
-
-    def new_state(self, layer: LayerInfo, context: PassContext) -> SameEquivarianceDistanceState:
+    def check(self, context: PassContext) -> None:
         ts = context.ts
         if ts is None or not callable(getattr(ts, "apply", None)):
             raise ValueError(
                 "ts: DistanceSameEquivariance transforms F(x) by the set itself, so it needs a "
                 f"transformation set with apply(), got {type(ts).__name__ if ts is not None else None}"
             )
-        reference = None
-        if identity_index(ts) is None:
-            if not self.reference:
-                raise ValueError(
-                    f"ts {getattr(ts, 'name', type(ts).__name__)!r} contains no identity transformation, so "
-                    "F(x) of the untransformed samples is not among the n·m forwards; use "
-                    "DistanceSameEquivariance(reference=True) (one extra forward of the n samples, storing "
-                    "[n, C, H, W] float32 per layer) or include the identity in ts"
-                )
-            reference = context.references.get((self.reference_key(), layer.name))
-            if reference is None and layer.spatial:
-                raise ValueError(
-                    f"layer {layer.name!r}: no reference-pass outputs; DistanceSameEquivariance(reference=True) "
-                    "must be evaluated with tmlib.measures.evaluate"
-                )
-        return SameEquivarianceDistanceState(layer, context, self.normalize, reference)
+        if identity_index(ts) is None and not self.reference:
+            raise ValueError(
+                f"ts {getattr(ts, 'name', type(ts).__name__)!r} contains no identity transformation, so "
+                "F(x) of the untransformed samples is not among the n·m forwards; use "
+                "DistanceSameEquivariance(reference=True) (one extra forward of the n samples, storing "
+                "[n, C, H, W] float32 per layer) or include the identity in ts"
+            )
 
-    def compute_layer(self, state: SameEquivarianceDistanceState, layer: LayerInfo) -> np.ndarray:
+    def compute_layer(self, state: SameEquivarianceDistanceState, layer: LayerInfo,
+                      fixed: Mapping[str, Any] | None = None) -> np.ndarray:
         return state.mean()
 
-    def compute(self, metadata: dict[str, Any] | None = None) -> MeasureResult:
-        result = super().compute(metadata)
-        result.metadata["reference_pass"] = self.reference
-        return result
+    def result_metadata(self, states: Mapping[str, Any]) -> dict[str, Any]:
+        return {"reference_pass": self.reference}

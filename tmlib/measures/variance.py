@@ -19,34 +19,31 @@ value (``agg="mean"``, ``"sum"`` or ``"max"`` over H, W) and then measures that 
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 
-from .base import LayerInfo, Measure, PassContext
-from .moments import STMoments
+from .base import LayerInfo, Measure, PassContext, StatSpec
+from .functional import channel_mean, divide_nv
+from .moments import Moments, STMoments
 
-__all__ = ["TransformationVariance", "SampleVariance", "NormalizedVariance", "divide_nv", "channel_mean"]
+__all__ = [
+    "AggregatedMoments",
+    "AggregatedMomentsSpec",
+    "NormalizedVariance",
+    "SampleVariance",
+    "TransformationVariance",
+    "VarianceMeasure",
+    "channel_mean",
+    "divide_nv",
+]
 
 _MODES = ("element", "channel", "aggregate")
 _AGGREGATES = ("mean", "sum", "max")
 _STATS = ("std", "var")
-
-
-def divide_nv(tv: np.ndarray, sv: np.ndarray) -> np.ndarray:
-    """TV/SV with the published convention: 0/0 → 1, x/0 → +inf."""
-    tv, sv = np.asarray(tv, dtype=np.float64), np.asarray(sv, dtype=np.float64)
-    out = np.where(tv == 0, 1.0, np.inf)
-    np.divide(tv, sv, out=out, where=sv > 0)
-    return out
-
-
-def channel_mean(values: np.ndarray, layer: LayerInfo) -> np.ndarray:
-    """Mean over the two spatial dimensions of an activation-shaped array: [.., H, W] → [channels]."""
-    values = values.reshape(layer.shape)
-    if not layer.spatial:
-        return values
-    return values.reshape(-1, layer.shape[-2] * layer.shape[-1]).mean(axis=1)
 
 
 class AggregatedMoments(STMoments):
@@ -55,19 +52,31 @@ class AggregatedMoments(STMoments):
     def __init__(self, m: int, layer: LayerInfo, agg: str, device, backend: str):
         self.spatial = layer.spatial
         self.agg = agg
-        channels = int(np.prod(layer.shape[:-2])) if layer.spatial else int(np.prod(layer.shape))
+        channels = int(np.prod(layer.shape[:-2])) if layer.spatial else layer.size
         super().__init__(m, channels, device, backend)
 
-    def update(self, block) -> None:
+    def update(self, block: torch.Tensor) -> None:
         if self.spatial:
             maps = block.flatten(-2)  # [b, m, ..., H·W]
             block = maps.amax(-1) if self.agg == "max" else maps.sum(-1) if self.agg == "sum" else maps.mean(-1)
         super().update(block)
 
 
-class _VarianceMeasure(Measure):
+@dataclass(frozen=True)
+class AggregatedMomentsSpec(StatSpec):
+    """ST moments of every feature map collapsed to one value by ``agg`` (the 2019 paper's mode)."""
+
+    agg: str
+
+    def build(self, layer: LayerInfo, context: PassContext, reference: Any = None) -> AggregatedMoments:
+        return AggregatedMoments(context.m, layer, self.agg, context.device, context.backend)
+
+
+class VarianceMeasure(Measure):
+    """Options (``mode``, ``stat``, ``agg``) and read-outs shared by the variance family and by
+    the same-equivariance variances (which read the same quantities from de-transformed maps)."""
+
     def __init__(self, mode: str = "element", stat: str = "std", agg: str = "mean") -> None:
-        super().__init__()
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if stat not in _STATS:
@@ -82,53 +91,52 @@ class _VarianceMeasure(Measure):
         options = {"mode": self.mode, "stat": self.stat}
         return {**options, "agg": self.agg} if self.mode == "aggregate" else options
 
-    def statistic_key(self) -> Hashable:
-        return ("aggregate", self.agg) if self.mode == "aggregate" else STMoments
+    def spec(self) -> StatSpec:
+        return AggregatedMomentsSpec(self.agg) if self.mode == "aggregate" else Moments()
 
-    def new_state(self, layer: LayerInfo, context: PassContext) -> STMoments:
-        if self.mode == "aggregate":
-            return AggregatedMoments(context.m, layer, self.agg, context.device, context.backend)
-        return STMoments(context.m, int(np.prod(layer.shape)), context.device, context.backend)
+    def moments(self, state: Any) -> STMoments:
+        """The STMoments inside the layer's state (the state itself here)."""
+        return state
 
     def _shape(self, layer: LayerInfo) -> tuple[int, ...]:
         if self.mode == "aggregate" and layer.spatial:
             return (int(np.prod(layer.shape[:-2])),)
         return layer.shape
 
-    def _tv(self, state: STMoments, layer: LayerInfo) -> np.ndarray:
-        return state.transformational(self.stat).reshape(self._shape(layer))
+    def tv(self, state: Any, layer: LayerInfo) -> np.ndarray:
+        """TV per activation (per channel in channel mode)."""
+        return self._finish(self.moments(state).transformational(self.stat).reshape(self._shape(layer)), layer)
 
-    def _sv(self, state: STMoments, layer: LayerInfo) -> np.ndarray:
-        return state.sample(self.stat).reshape(self._shape(layer))
+    def sv(self, state: Any, layer: LayerInfo) -> np.ndarray:
+        """SV per activation (per channel in channel mode)."""
+        return self._finish(self.moments(state).sample(self.stat).reshape(self._shape(layer)), layer)
 
     def _finish(self, values: np.ndarray, layer: LayerInfo) -> np.ndarray:
-        return channel_mean(values, layer) if self.mode == "channel" else values
+        return channel_mean(values, layer.shape) if self.mode == "channel" else values
 
 
-class TransformationVariance(_VarianceMeasure):
+class TransformationVariance(VarianceMeasure):
     """TV: mean over samples of the spread over transformations (per activation or channel)."""
 
     short_name = "TV"
 
-    def compute_layer(self, state: STMoments, layer: LayerInfo) -> np.ndarray:
-        return self._finish(self._tv(state, layer), layer)
+    def compute_layer(self, state: Any, layer: LayerInfo, fixed: Mapping[str, Any] | None = None) -> np.ndarray:
+        return self.tv(state, layer)
 
 
-class SampleVariance(_VarianceMeasure):
+class SampleVariance(VarianceMeasure):
     """SV: mean over transformations of the spread over samples (per activation or channel)."""
 
     short_name = "SV"
 
-    def compute_layer(self, state: STMoments, layer: LayerInfo) -> np.ndarray:
-        return self._finish(self._sv(state, layer), layer)
+    def compute_layer(self, state: Any, layer: LayerInfo, fixed: Mapping[str, Any] | None = None) -> np.ndarray:
+        return self.sv(state, layer)
 
 
-class NormalizedVariance(_VarianceMeasure):
+class NormalizedVariance(VarianceMeasure):
     """NV = TV / SV; in channel mode the ratio of the channel means of TV and SV."""
 
     short_name = "NV"
 
-    def compute_layer(self, state: STMoments, layer: LayerInfo) -> np.ndarray:
-        tv = self._finish(self._tv(state, layer), layer)
-        sv = self._finish(self._sv(state, layer), layer)
-        return divide_nv(tv, sv)
+    def compute_layer(self, state: Any, layer: LayerInfo, fixed: Mapping[str, Any] | None = None) -> np.ndarray:
+        return divide_nv(self.tv(state, layer), self.sv(state, layer))

@@ -5,29 +5,32 @@ classes move the unit" (the sample variance, the ANOVA within-group spread and G
 thresholds all see between-class variation). :func:`evaluate_stratified` runs
 :func:`~tmlib.measures.evaluate` on each class's samples alone and averages the per-layer arrays
 over the classes. Every sample is still forwarded once per transformation: n·m images in all
-(plus n for measures with a reference pass).
+(plus n for measures with a reference pass). It lives beside :func:`~tmlib.engine.evaluate`,
+whose passes it runs (``tmlib.measures.evaluate_stratified`` is the public name).
+
+With ``blocks=K`` every class is split into K blocks of its own; replicate k of the class-mean
+result is the class mean of every class's leave-block-k-out arrays (a grouped delete-one-block
+jackknife: block k of every class is left out at once), so its intervals cover the class mean
+itself. Memory: besides the states of one class at a time, K replicate arrays per class and layer
+(the values, not the states) until the classes are combined.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from ..engine import evaluate
-from ..results import MeasureResult
-from .base import Measure
-
-
-def _is_image_dataset(x: Any) -> bool:
-    """A tmlib.data.ImageDataset (duck-typed: importing tmlib.data here would load it with the
-    package, which ``python -m tmlib.data`` warns about)."""
-    return isinstance(getattr(x, "labels", None), torch.Tensor) and callable(getattr(x, "subset", None))
-
+from .adapters import default_fill, labels_of, subset
+from .engine import collect
+from .measures.base import Measure
+from .measures.collection import named_measures
+from .results import MeasureResult, finite_mean
 
 __all__ = ["evaluate_stratified", "mean_over_classes"]
 
@@ -49,57 +52,23 @@ def mean_over_classes(arrays: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _plain(value: Any) -> Any:
-    """Labels as JSON-friendly Python scalars."""
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _labels_of(x: torch.Tensor | Dataset, labels: Any) -> list:
-    n = len(x)
-    if labels is None:
-        if isinstance(x, torch.Tensor):
-            raise ValueError("labels: a tensor x needs labels (one per sample) for stratification")
-        if _is_image_dataset(x):  # labels without decoding every image
-            return x.labels.tolist()
-        items = (x[i] for i in range(n))
-        try:
-            return [_plain(item[1]) for item in items]
-        except (TypeError, IndexError):
-            raise ValueError(
-                "labels: the dataset must yield (image, label) pairs, or pass labels"
-            ) from None
-    labels = labels.tolist() if isinstance(labels, (torch.Tensor, np.ndarray)) else list(labels)
-    if len(labels) != n:
-        raise ValueError(f"labels must have one entry per sample (n={n}), got {len(labels)}")
-    return [_plain(v) for v in labels]
-
-
-def _subset(x: torch.Tensor | Dataset, index: list[int]) -> torch.Tensor | Dataset:
-    if isinstance(x, torch.Tensor):
-        return x[torch.as_tensor(index, dtype=torch.long, device=x.device)]
-    if _is_image_dataset(x):  # keeps name, normalisation and fill
-        return x.subset(index)
-    return Subset(x, index)
-
-
 def evaluate_stratified(
     model: torch.nn.Module,
     x: torch.Tensor | Dataset,
     ts,
-    measures: Measure | Sequence[Measure],
+    measures: Measure | Sequence[Measure] | Mapping[str, Measure],
     labels: Sequence | torch.Tensor | np.ndarray | None = None,
     **evaluate_kwargs: Any,
 ) -> dict[str, MeasureResult]:
     """:func:`~tmlib.measures.evaluate` per class, averaged over classes.
 
     Args:
-        model, ts, measures: as for :func:`~tmlib.measures.evaluate`.
+        model, ts, measures: as for :func:`~tmlib.measures.evaluate` (a dict names the results).
         x: a tensor [n, C, H, W] (then ``labels`` is required) or a dataset of (image, label).
         labels: one class label per sample; default: the dataset's labels (the second element
             of each item, reading every item once; a tmlib ``ImageDataset``'s ``labels`` directly).
-        **evaluate_kwargs: passed on (``batch_size``, ``layers``, ``fill``, ``progress``, …).
+        **evaluate_kwargs: passed on (``batch_size``, ``layers``, ``fill``, ``progress``,
+            ``blocks``, …).
 
     Returns:
         ``{measure name: MeasureResult}``; each layer's array is :func:`mean_over_classes` of the
@@ -107,12 +76,18 @@ def evaluate_stratified(
         weighing the same (e.g. ANOVA ``output="reject"`` then gives, per unit, the fraction of
         classes in which H0 is rejected). Metadata: that of the first class with ``n`` the total,
         ``images_forwarded`` the sum, ``stratified: True``, ``classes`` and ``class_sizes``; entries
-        that differ between classes move to ``per_class`` as lists in class order.
+        that differ between classes move to ``metadata["per_class"]`` as lists in class order.
+        Each result keeps the classes' own results in ``result.per_class`` ({label: MeasureResult},
+        in class order; saved and loaded with it); ``result.per_class_frame()`` stacks their tidy
+        frames with a column ``class``. With ``blocks=K`` every class is split into K blocks of its
+        own, each class result carries its replicates, and so does the class mean (see the module
+        docstring); every class needs at least K samples.
 
     Raises:
-        ValueError: ``labels`` of the wrong length, or a class with fewer than 2 samples.
+        ValueError: ``labels`` of the wrong length, a class with fewer than 2 samples (or fewer
+        than ``blocks``).
     """
-    y = _labels_of(x, labels)
+    y = labels_of(x, labels)
     index: dict[Any, list[int]] = defaultdict(list)
     for i, label in enumerate(y):
         index[label].append(i)
@@ -121,20 +96,29 @@ def evaluate_stratified(
     if small:
         raise ValueError(f"labels: every class needs at least 2 samples, got {small}")
     kwargs = dict(evaluate_kwargs)
-    if kwargs.get("fill") is None:  # a torch Subset would lose the dataset's fill
-        kwargs["fill"] = getattr(x, "fill", 0.0)
+    blocks = kwargs.get("blocks")
+    if isinstance(blocks, int) and not isinstance(blocks, bool):
+        too_small = {c: len(index[c]) for c in classes if len(index[c]) < blocks}
+        if too_small:
+            raise ValueError(f"blocks: every class is split into blocks={blocks} blocks, but these classes "
+                             f"have fewer samples: {too_small}")
+    kwargs["fill"] = default_fill(x, kwargs.get("fill"))  # a torch Subset would lose the dataset's fill
     dataset_name = "tensor" if isinstance(x, torch.Tensor) else getattr(x, "name", None)
+    named = named_measures(measures)
 
-    # Each call resets the measures and returns fresh MeasureResult objects, so per-class
-    # results stay valid while the next class is measured.
-    per_class = [evaluate(model, _subset(x, index[c]), ts, measures, **kwargs) for c in classes]
+    per_class: list[dict[str, MeasureResult]] = []
+    loo: list[list[dict[str, MeasureResult]]] = []  # per class: per block k, the results without block k
+    for c in classes:
+        states = collect(model, subset(x, index[c]), ts, named, **kwargs)
+        per_class.append(states.compute(named))
+        if states.blocked:
+            loo.append(list(states.leave_one_out_results(named, like=per_class[-1])))
+        del states
 
     out: dict[str, MeasureResult] = {}
     for name, first in per_class[0].items():
         results = [run[name] for run in per_class]
-        values = {
-            layer: mean_over_classes([r[layer] for r in results]) for layer in first.layer_names
-        }
+        values = {layer: mean_over_classes([r[layer] for r in results]) for layer in first.layer_names}
         meta, varying = {}, {}
         for key, value in first.metadata.items():
             others = [r.metadata.get(key) for r in results]
@@ -142,7 +126,7 @@ def evaluate_stratified(
                 meta[key] = value
             else:
                 varying[key] = others
-        for key in ("n", "images_forwarded", "dataset"):  # replaced by the totals below
+        for key in ("n", "images_forwarded", "dataset", "block_sizes"):  # replaced by the totals below
             meta.pop(key, None)
             varying.pop(key, None)
         meta.update(
@@ -154,7 +138,13 @@ def evaluate_stratified(
             class_sizes=[len(index[c]) for c in classes],
             per_class=varying,
         )
-        out[name] = MeasureResult(name, values, meta)
+        replicates = None
+        if loo:
+            meta["block_sizes"] = [r.metadata["block_sizes"] for r in results]
+            rows = [{layer: finite_mean(mean_over_classes([run[k][name][layer] for run in loo]))
+                     for layer in first.layer_names} for k in range(blocks)]
+            replicates = pd.DataFrame(rows, columns=first.layer_names, dtype=float).rename_axis("block")
+        out[name] = MeasureResult(name, values, meta, replicates=replicates, per_class=dict(zip(classes, results)))
     return out
 
 

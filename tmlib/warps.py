@@ -1,0 +1,100 @@
+"""Affine warps in normalised coordinates: the matrices users think in, and one batched warp.
+
+Coordinates are normalised to [-1, 1] with the origin at the image centre, so one 3×3 matrix acts
+on any H×W; matrices *map content* (a point u of the input lands on M·u). Degrees are converted
+to radians in one place (:func:`degrees_to_radians`). :func:`warp` inverts the matrices in float64
+and samples bilinearly (``affine_grid`` + ``grid_sample``) on the images' device; the outside is
+``fill``. :mod:`tmlib.transforms` builds its sets on these.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .checks import check_images
+
+__all__ = ["Fill", "degrees_to_radians", "rotation_matrix", "scale_matrix", "translation_matrix", "warp"]
+
+Fill = float | Sequence[float]
+
+
+def degrees_to_radians(degrees: float) -> float:
+    """The single place where tmlib turns user-facing degrees into radians."""
+    return float(degrees) * math.pi / 180.0
+
+
+def rotation_matrix(degrees: float) -> torch.Tensor:
+    """[3, 3] float64 matrix rotating image content by ``degrees`` counter-clockwise on screen.
+
+    With y pointing down, a counter-clockwise turn on screen is ``[[c, s], [-s, c]]``.
+    """
+    theta = degrees_to_radians(degrees)
+    c, s = math.cos(theta), math.sin(theta)
+    # Snap the values of exact quarter turns so that 90° is exactly a pixel permutation.
+    c, s = (round(v) if abs(v - round(v)) < 1e-12 else v for v in (c, s))
+    return torch.tensor([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+
+
+def scale_matrix(sx: float, sy: float | None = None) -> torch.Tensor:
+    """[3, 3] float64 matrix scaling content by ``sx`` horizontally and ``sy`` vertically."""
+    sy = sx if sy is None else sy
+    if sx <= 0 or sy <= 0:
+        raise ValueError(f"scale factors must be positive, got sx={sx}, sy={sy}")
+    return torch.tensor([[sx, 0.0, 0.0], [0.0, sy, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+
+
+def translation_matrix(tx: float, ty: float) -> torch.Tensor:
+    """[3, 3] float64 matrix moving content by ``tx``·width right and ``ty``·height down.
+
+    Normalised coordinates span 2 units per image side, hence the factor 2.
+    """
+    return torch.tensor(
+        [[1.0, 0.0, 2.0 * tx], [0.0, 1.0, 2.0 * ty], [0.0, 0.0, 1.0]], dtype=torch.float64
+    )
+
+
+def _fill_tensor(fill: Fill, x: torch.Tensor) -> torch.Tensor | None:
+    """Fill value as a tensor broadcastable to x [..., C, H, W], or None for a zero fill."""
+    values = torch.as_tensor(fill, dtype=x.dtype, device=x.device).flatten()
+    if values.numel() not in (1, x.shape[-3]):
+        raise ValueError(
+            f"fill must be a number or one value per channel ({x.shape[-3]}), got {list(values)}"
+        )
+    if bool((values == 0).all()):
+        return None
+    return values.reshape(-1, 1, 1)
+
+
+def warp(x: torch.Tensor, matrices: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
+    """Warp each image of a batch by its own affine matrix.
+
+    Args:
+        x: images [b, C, H, W] (float), on any device.
+        matrices: [b, 3, 3] or [3, 3] content-mapping matrices in normalised coordinates.
+        fill: value outside the input, a number or one per channel (in x's units).
+
+    Returns:
+        [b, C, H, W] warped images on x's device, bilinear interpolation.
+    """
+    check_images(x)
+    matrices = torch.as_tensor(matrices)
+    if matrices.dim() == 2:
+        matrices = matrices.expand(x.shape[0], 3, 3)
+    if matrices.shape != (x.shape[0], 3, 3):
+        raise ValueError(
+            f"matrices must have shape [{x.shape[0]}, 3, 3] (one per image), "
+            f"got {tuple(matrices.shape)}"
+        )
+    # Invert in float64 for exactness, then sample in the images' dtype.
+    theta = torch.linalg.inv(matrices.to(device=x.device, dtype=torch.float64))[:, :2, :]
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    fill_t = _fill_tensor(fill, x)
+    if fill_t is None:
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # Zero padding of (x - fill), then + fill, fills the outside with `fill` exactly.
+    warped = F.grid_sample(x - fill_t, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return warped + fill_t

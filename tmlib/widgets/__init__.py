@@ -1,0 +1,42 @@
+"""An interactive layer explorer (ipywidgets) and its static HTML export.
+
+Split along its seams, each part usable on its own:
+
+* :mod:`~tmlib.widgets.data` — :func:`compute` runs *one* pass of the engine for the measures and
+  the pictures' statistics (ST means of the first samples, feature maps of one image);
+  :class:`ExplorerData` holds the result, :class:`ExplorerCache` keeps it, so choosing another
+  layer, unit or measure afterwards only redraws;
+* :mod:`~tmlib.widgets.figures` — the four panels as matplotlib figures (no pyplot);
+* :mod:`~tmlib.widgets.export` — :func:`export_html`, an offline HTML report;
+* :mod:`~tmlib.widgets.explorer` — :class:`Explorer`, the widget.
+"""
+
+from .data import MEASURES, ExplorerCache, ExplorerData, channel_order, compute
+from .explorer import Explorer
+from .export import export_html
+from .figures import (
+    explorer_figure,
+    figure_png,
+    plot_channel_heatmap,
+    plot_extreme_maps,
+    plot_inputs,
+    plot_layer_curve,
+    plot_st_matrix,
+)
+
+__all__ = [
+    "MEASURES",
+    "Explorer",
+    "ExplorerCache",
+    "ExplorerData",
+    "channel_order",
+    "compute",
+    "explorer_figure",
+    "export_html",
+    "figure_png",
+    "plot_channel_heatmap",
+    "plot_extreme_maps",
+    "plot_inputs",
+    "plot_layer_curve",
+    "plot_st_matrix",
+]
