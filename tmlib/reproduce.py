@@ -222,9 +222,11 @@ def _finished(spec: Any, info: dict[str, Any], i: int, total: int) -> dict[str, 
     evaluation = info.get("evaluation") or {}
     what = "cached" if info["cached"] else f"{info['images']:,} images"
     accuracy = evaluation.get("own")
+    # A classifier's floor is a least accuracy, a regressor's a largest error.
+    relation, miss = ("≤", "ABOVE") if "error" in str(evaluation.get("metric")) else ("≥", "BELOW")
     verdict = "" if accuracy is None else (
         f", {evaluation['metric']} {accuracy:.4f}" + ("" if evaluation.get("floor") is None else
-                                                      f" ({'≥' if evaluation['met'] else 'BELOW'} {evaluation['floor']})"))
+                                                      f" ({relation if evaluation['met'] else miss} {evaluation['floor']})"))
     print(f"  [{i}/{total}] {spec.label()} seed {spec.init_seed}: {what}, {info['seconds']:.0f} s{verdict}", flush=True)
     return {"model": spec.label(), "seed": spec.init_seed, "cached": info["cached"], "images": info["images"],
             "seconds": round(info["seconds"], 1), "accuracy": accuracy, "met": evaluation.get("met")}

@@ -181,7 +181,9 @@ class Claims:
 def claims_markdown(figures_dir: str | os.PathLike = "figures") -> str:
     """The README's table of claims, from ``claims.csv``."""
     frame = pd.read_csv(Path(resolve(figures_dir)) / CLAIMS_CSV)
-    lines = ["| paper | claim | notebook | measured (95 % interval) | verdict |", "|---|---|---|---|---|"]
+    lines = ["| paper | claim | notebook | measured (95 % interval) | holds | verdict |", "|---|---|---|---|---|---|"]
     for _, row in frame.iterrows():
-        lines.append(f"| {row['paper']} | {row['claim']} | {row['notebook']} | {row['measured']} | {row['verdict']} |")
+        claim = str(row["claim"]).replace("|", "\\|")  # a table cell: escape the pipes of |log scale|
+        holds = "yes" if str(row["holds"]).lower() == "true" else "**no**"
+        lines.append(f"| {row['paper']} | {claim} | {row['notebook']} | {row['measured']} | {holds} | {row['verdict']} |")
     return "\n".join(lines)

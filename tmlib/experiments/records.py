@@ -167,6 +167,7 @@ def models_markdown(figures_dir: str | os.PathLike = "figures") -> str:
         floor = part["floor"].dropna()
         low, high = part["own"].min(), part["own"].max()
         accuracy = f"{low:.3f}" if low == high else f"{low:.3f}–{high:.3f}"
-        lines.append(f"| {arch} | {dataset} | {augment} | {task} | {len(part)} | {accuracy} ({part['metric'].iloc[0]}) | "
+        metric = str(part["metric"].iloc[0]).replace("|", "\\|")
+        lines.append(f"| {arch} | {dataset} | {augment} | {task} | {len(part)} | {accuracy} ({metric}) | "
                      f"{floor.iloc[0] if len(floor) else '—'} | {met}/{len(part)} |")
     return "\n".join(lines)
