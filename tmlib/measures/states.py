@@ -40,8 +40,9 @@ __all__ = ["ShiftedMoments", "SumState"]
 
 _REDUCTIONS = ("sum", "state", "cat")
 
-try:  # numba is a pinned dependency; the torch ops in ShiftedMoments.merge are the fallback.
+try:  # numba is a pinned dependency; ShiftedMoments' torch ops are the fallback and the GPU path.
     import numba
+    import numpy as np
 
     _HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only in broken installs
@@ -57,6 +58,33 @@ if _HAVE_NUMBA:
             a = o1[p]
             s2[p] = ((s2[p] + o2[p]) + 2.0 * (d * a)) + n_other * (d * d)
             s1[p] = (s1[p] + a) + n_other * d
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _update_kernel(x, shift, s1, s2, tile):  # pragma: no cover
+        # x [b, P] (float32 or float64); Σ (x − K) and Σ (x − K)² added in float64, one read of x.
+        b, p = x.shape
+        for t in numba.prange((p + tile - 1) // tile):
+            f0 = t * tile
+            f1 = min(p, f0 + tile)
+            for i in range(b):
+                for f in range(f0, f1):
+                    d = np.float64(x[i, f]) - shift[f]
+                    s1[f] += d
+                    s2[f] += d * d
+
+
+_TILE = 1024  # vector entries per parallel work item of _update_kernel
+
+
+def _as_numpy(x: torch.Tensor) -> Any:
+    """x as a numpy array sharing its memory, or None where numba cannot read it (another device,
+    a tensor that needs grad, a torch.func wrapper, an integer dtype)."""
+    if not _HAVE_NUMBA or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.requires_grad:
+        return None
+    try:
+        return x.numpy()
+    except (RuntimeError, TypeError):  # e.g. a functorch-wrapped tensor
+        return None
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -178,6 +206,11 @@ class ShiftedMoments(SumState):
             raise ValueError(f"expected vectors of shape {self.shape}, got {tuple(x.shape[1:])}")
         if self.shift is None:
             self.shift = x[0].to(torch.float64).clone()
+        flat = _as_numpy(x.reshape(x.shape[0], -1).contiguous()) if self.device.type == "cpu" else None
+        if flat is not None:  # one read of x, no float64 temporaries of its size
+            _update_kernel(flat, *(t.reshape(-1).numpy() for t in (self.shift, self.s1, self.s2)), _TILE)
+            self.n += x.shape[0]
+            return
         d = x.to(torch.float64) - self.shift
         self.s1 += d.sum(0)
         self.s2 += (d * d).sum(0)
