@@ -4,7 +4,8 @@ In one run, side by side: bare no_grad forwards of the n·m transformed images, 
 the four G-EED measures (raw and normalised invariance share one state; latent equivariance; output
 KL), for SimpleConv (every channel's map rotated) and the C4-steerable CNN (its field types' own
 action), under exact C4 and under 25 sampled rotations (SimpleConv only: the steerable model's
-action is defined for C4).
+action is defined for C4). Each G-EED pass runs twice: with the fused CPU kernels (the default) and
+with ``backend="torch"`` (the torch ops: the GPU path, and the CPU path before the kernels).
 
 Usage: python benchmarks/bench_geed.py [--n 500] [--repeats 3]
 """
@@ -43,15 +44,17 @@ def main() -> None:
         batch_size = default_batch_size(len(ts))
         measures = geed_measures(model, ts)
         kw = {"batch_size": batch_size, "fill": dataset.fill, "progress": False}
-        evaluate(model, x[:8], ts, measures, **kw)  # warm-up
-        bare, full = [], []
-        for _ in range(args.repeats):
+        evaluate(model, x[:8], ts, measures, **kw)  # warm-up (and numba's compilation)
+        bare, full, ops = [], [], []
+        for _ in range(args.repeats):  # interleaved, so that the machine's drift hits all three alike
             bare.append(bare_forwards(model, x, ts, batch_size, dataset.fill))
-            start = time.perf_counter()
-            evaluate(model, x, ts, geed_measures(model, ts), **kw)
-            full.append(time.perf_counter() - start)
+            for backend, times in (("auto", full), ("torch", ops)):
+                start = time.perf_counter()
+                evaluate(model, x, ts, geed_measures(model, ts), backend=backend, **kw)
+                times.append(time.perf_counter() - start)
         print(f"{label:26s} {ts.name:18s} m={len(ts):3d}  bare forwards {min(bare):6.2f} s   "
-              f"G-EED (4 measures, every layer) {min(full):6.2f} s   ratio {min(full) / min(bare):.2f}")
+              f"G-EED (4 measures, every layer) {min(full):6.2f} s = {min(full) / min(bare):.2f} × forwards; "
+              f"as torch ops {min(ops):6.2f} s = {min(ops) / min(bare):.2f} ×")
 
 
 if __name__ == "__main__":

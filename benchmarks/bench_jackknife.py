@@ -4,7 +4,9 @@ Measures, in one run: (a) the bytes held by the states of every layer with one b
 blocks (PassStates.nbytes), against the formula (3m + 2)·F·8 bytes per block for the variance
 family; (b) the wall time of evaluate without blocks and with K blocks (the same n·m forwards; the
 difference is the per-block updates, the merges and the K replicate computations), best of
-``--repeats``; (c) how far the blocked values are from the unblocked ones.
+``--repeats``; (c) how far the blocked values are from the unblocked ones; (d) the time of
+``PassStates.compute`` alone (the K·⌈log₂ K⌉ merges of the tree and the K + 1 readouts) with the
+fused numba merge and SV readout, and with the same arithmetic as torch ops, side by side.
 
 Usage: python benchmarks/bench_jackknife.py [--n 200] [--m 25] [--blocks 10] [--repeats 2]
 """
@@ -20,6 +22,7 @@ import torch
 
 from tmlib import data, models, transforms
 from tmlib.measures import NormalizedVariance, SampleVariance, TransformationVariance, collect, evaluate
+from tmlib.measures import states as state_module
 
 
 def main() -> None:
@@ -61,6 +64,35 @@ def main() -> None:
                 for k in plain for layer in plain[k].layer_names)
     print(f"evaluate: {plain_s:.2f} s without blocks, {blocked_s:.2f} s with K={args.blocks} "
           f"(ratio {blocked_s / plain_s:.2f}); worst relative change of the values {worst:.1e}")
+
+
+    blocked_states = collect(model, x, ts, measures, blocks=args.blocks, progress=False)
+    fused_s, torch_s = compute_times(blocked_states, measures, args.repeats)
+    print(f"compute (K={args.blocks} replicates): {fused_s:.2f} s fused, {torch_s:.2f} s as torch ops "
+          f"(torch / fused {torch_s / fused_s:.2f})")
+
+
+def compute_times(states, measures, repeats: int) -> tuple[float, float]:
+    """Best-of-``repeats`` time of ``states.compute(measures)`` with the fused kernels and with the
+    torch ops (numba switched off for the merges, the torch readout of SV), alternating."""
+    fused_flag = state_module._HAVE_NUMBA
+    moments = [s for parts in states.states.values() for s in parts]
+    backends = [s.backend for s in moments]
+    best = {True: math.inf, False: math.inf}
+    try:
+        for _ in range(repeats):
+            for fused in (True, False):
+                state_module._HAVE_NUMBA = fused and fused_flag
+                for s, backend in zip(moments, backends):
+                    s.backend = backend if fused else "torch"
+                start = time.perf_counter()
+                states.compute(measures)
+                best[fused] = min(best[fused], time.perf_counter() - start)
+    finally:
+        state_module._HAVE_NUMBA = fused_flag
+        for s, backend in zip(moments, backends):
+            s.backend = backend
+    return best[True], best[False]
 
 
 if __name__ == "__main__":

@@ -247,7 +247,7 @@ LAYERS = [
     {"results", "warps", "activations", "devices", "adapters"},
     {"transforms"},
     {"measures.states", "measures.functional", "measures.base"},
-    {"measures.moments", "measures.collection", "measures.goodfellow_states"},
+    {"measures.moments", "measures.collection", "measures.goodfellow_states", "measures.geed_kernels"},
     {"measures.variance", "measures.anova", "measures.goodfellow", "measures.distance",
      "measures.same_equivariance", "measures.geed"},
     {"engine"},

@@ -258,3 +258,50 @@ def test_bad_input_names_the_argument(geed_cnn):
         evaluate(geed_cnn, _samples(), T.c4(), GEEDOutputKL(), layers=["0", "1"], progress=False)
     with pytest.raises(ValueError, match="GEEDInvariance"):
         geed_table(evaluate(geed_cnn, _samples(), T.c4(), GEEDInvariance(), progress=False)["GEED-inv[cosine,False]"])
+
+
+# ---------------------------------------------------------------- the fused CPU kernels against the torch ops
+from tmlib.measures import geed_kernels  # noqa: E402
+from tmlib.measures.moments import numba_available  # noqa: E402
+
+
+def _orbits(dtype):
+    z = torch.randn(6, 5, 300, generator=torch.Generator().manual_seed(8)).to(dtype)
+    z[1] = 0.0  # an all-zero orbit
+    z[2, :, :] = z[2, :1, :]  # an invariant orbit: every z_g equals the centroid
+    return z
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_geed_products_equal_the_torch_ops(dtype):
+    z = _orbits(dtype)
+    for fused_out, torch_out in zip(geed_kernels.orbit_products(z, True), geed_kernels.orbit_products(z, False)):
+        assert fused_out.dtype == torch.float64
+        torch.testing.assert_close(fused_out, torch_out, rtol=1e-12, atol=1e-12)
+    e = torch.roll(z, 1, dims=1)
+    for fused_out, torch_out in zip(geed_kernels.pair_products(z, e, True), geed_kernels.pair_products(z, e, False)):
+        torch.testing.assert_close(fused_out, torch_out, rtol=1e-12, atol=1e-12)
+    a = z[:, 0]
+    (u1, q1, n1), (u2, q2, n2) = geed_kernels.unit_sums(a, True), geed_kernels.unit_sums(a, False)
+    torch.testing.assert_close(u1, u2, rtol=1e-12, atol=1e-14)
+    assert n1 == n2 == 1 and q1 == 5.0 and q2 == pytest.approx(5.0, rel=1e-14)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        geed_kernels.pair_products(z, e[:, :2], True)
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+def test_fused_moments_update_equals_the_torch_ops(monkeypatch):
+    from tmlib.measures import states
+
+    x = torch.randn(7, 4, 33, generator=torch.Generator().manual_seed(9)) * 3 + 100
+    x[:, 1, 2] = 7.0  # constant: exactly zero variance on both paths
+    out = {}
+    for fused in (True, False):
+        monkeypatch.setattr(states, "_HAVE_NUMBA", fused)
+        out[fused] = states.ShiftedMoments((4, 33))
+        out[fused].update(x[:3])
+        out[fused].update(x[3:])
+    torch.testing.assert_close(out[True].variance(), out[False].variance(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(out[True].mean(), out[False].mean(), rtol=1e-14, atol=0)
+    assert out[True].variance()[1, 2] == 0.0 and out[True].n == 7

@@ -195,3 +195,79 @@ def test_seed_summary_combines_between_seed_spread_and_jackknife():
         stats.seed_summary([_result([1.0])])
     with pytest.raises(ValueError, match="same layers"):
         stats.seed_summary([_result([1.0]), _result([1.0, 2.0])])
+
+
+# ---------------------------------------------------------------- the fused merge and readout kernels
+from tmlib.measures import states as state_module  # noqa: E402
+from tmlib.measures.moments import STMoments  # noqa: E402
+
+
+def _moments(x, shape):
+    state = state_module.ShiftedMoments(shape)
+    state.update(x)
+    return state
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["numba", "torch"])
+def test_merged_moments_equal_one_pass_and_keep_constant_coordinates_exact(fused, monkeypatch):
+    if fused and not numba_available():
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(state_module, "_HAVE_NUMBA", fused)
+    g = torch.Generator().manual_seed(3)
+    parts = [torch.randn(7, 3, 4, generator=g) * 5 + 40, torch.randn(5, 3, 4, generator=g) * 0.1 - 3,
+             torch.randn(4, 3, 4, generator=g)]
+    for part in parts:
+        part[:, 0, 0] = 2.5  # constant in every part: the merged variance must be exactly 0
+    whole = _moments(parts[0], (3, 4)).merge(_moments(parts[1], (3, 4))).merge(_moments(parts[2], (3, 4)))
+    reference = _moments(torch.cat(parts), (3, 4))
+    assert whole.n == 16
+    torch.testing.assert_close(whole.mean(), reference.mean(), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(whole.variance(), reference.variance(), rtol=1e-11, atol=0)
+    assert whole.variance()[0, 0] == 0.0
+
+
+def test_the_fused_and_torch_merges_agree_to_rounding(monkeypatch):
+    if not numba_available():
+        pytest.skip("numba is not installed")
+    g = torch.Generator().manual_seed(4)
+    parts = [torch.randn(6, 25, 50, generator=g) * 3 + 7 for _ in range(3)]
+    out = {}
+    for fused in (True, False):
+        monkeypatch.setattr(state_module, "_HAVE_NUMBA", fused)
+        out[fused] = _moments(parts[0], (25, 50))
+        for part in parts[1:]:
+            out[fused].merge(_moments(part, (25, 50)))
+    torch.testing.assert_close(out[True].s1, out[False].s1, rtol=1e-14, atol=1e-12)
+    torch.testing.assert_close(out[True].s2, out[False].s2, rtol=1e-14, atol=1e-12)
+
+
+@pytest.mark.parametrize("stat", ["std", "var"])
+def test_the_fused_sample_spread_equals_the_torch_readout(stat):
+    if not numba_available():
+        pytest.skip("numba is not installed")
+    x = torch.randn(9, 5, 300, generator=torch.Generator().manual_seed(5)).to(torch.float64)
+    x[:, 2, 7] = 1.25  # a constant column: its SV term is exactly 0
+    fused, plain = STMoments(5, 300, backend="numba"), STMoments(5, 300, backend="torch")
+    fused.update(x)
+    plain.update(x)
+    np.testing.assert_allclose(fused.sample(stat), plain.sample(stat), rtol=1e-14, atol=0)
+    assert np.sqrt(fused.column_variance())[2, 7] == 0.0
+
+
+def test_a_unit_that_fires_in_one_block_only_is_exactly_constant_without_it():
+    # Why the jackknife merges the other blocks instead of subtracting block k from the full merge:
+    # a subtraction leaves a rounding residue where the rest is constant, and NV's 0/0 → 1 and
+    # x/0 → inf conventions need the exact zero (a ReLU unit dead outside one block is common).
+    mean_pixel = nn.Linear(36, 2)
+    with torch.no_grad():
+        mean_pixel.weight.fill_(1 / 36)
+        mean_pixel.bias.fill_(-3.0)
+    model = nn.Sequential(nn.Flatten(), mean_pixel, nn.ReLU()).eval()
+    x = samples(12)
+    x[:3] += 10.0  # only block 0's samples make the units fire (90° rotations keep the mean pixel)
+    result = evaluate(model, x, T.rotations(4), {"NV": NormalizedVariance(mode="element")}, blocks=4,
+                      progress=False)["NV"]
+    layer = result.layer_names[-1]
+    assert result[layer].tolist() != [1.0, 1.0]  # with block 0 the units vary
+    # without block 0 the unit is 0 for every sample and rotation: TV = SV = 0 exactly, NV = 1
+    assert result.replicates.iloc[0][layer] == pytest.approx(1.0, abs=0)

@@ -112,3 +112,20 @@ def test_cyclic_shifts_scale_to_feature_maps():
     assert torch.allclose(ts.inverse().apply_each(pooled), pooled[:, :1].expand_as(pooled), atol=1e-6)
     with pytest.raises(ValueError, match="not whole pixels"):
         T.cyclic_shifts([(1, 0)], 8).apply(torch.randn(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("fill", [0.0, -0.42, [0.5, -1.0, 2.0]])
+def test_shared_grids_give_the_pairwise_warps_bit_for_bit(fill):
+    # TransformationSet.apply builds m grids for b images (warp_all); warping each (image, matrix)
+    # pair on its own is the reference.
+    from tmlib.warps import warp, warp_all
+
+    x = torch.randn(5, 3, 11, 11, generator=torch.Generator().manual_seed(7))
+    hard = T.combined(rotation=T.rotations(4), scale=T.scales(n_down=1, n_up=1), translation=T.translations())
+    for mats in (T.rotations(25).matrices, hard.matrices[::7]):
+        pairs = torch.stack([torch.stack([warp(x[i : i + 1], mats[j], fill)[0] for j in range(len(mats))])
+                             for i in range(len(x))])
+        assert torch.equal(warp_all(x, mats, fill), pairs)
+    assert torch.equal(T.rotations(25).apply(x, fill=fill), warp_all(x, T.rotations(25).matrices, fill))
+    with pytest.raises(ValueError, match=r"matrices must have shape \[m, 3, 3\]"):
+        warp_all(x, torch.eye(3), fill)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .checks import check_images
 
-__all__ = ["Fill", "degrees_to_radians", "rotation_matrix", "scale_matrix", "translation_matrix", "warp"]
+__all__ = ["Fill", "degrees_to_radians", "rotation_matrix", "scale_matrix", "translation_matrix", "warp", "warp_all"]
 
 Fill = float | Sequence[float]
 
@@ -98,3 +98,29 @@ def warp(x: torch.Tensor, matrices: torch.Tensor, fill: Fill = 0.0) -> torch.Ten
     # Zero padding of (x - fill), then + fill, fills the outside with `fill` exactly.
     warped = F.grid_sample(x - fill_t, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return warped + fill_t
+
+
+def warp_all(x: torch.Tensor, matrices: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
+    """Warp every image of a batch by every matrix: x [b, C, H, W], matrices [m, 3, 3] →
+    [b, m, C, H, W] (what :func:`warp` gives for each pair, bilinear, outside = ``fill``).
+
+    The m sampling grids are built once and shared by the b images: the images are folded into
+    the channels ([m, b·C, H, W] against m grids), so inverting the matrices and building the grids
+    cost m instead of b·m, and grid_sample computes each output pixel's weights once for all b·C
+    maps (a tenfold saving in the warps of a pass over feature maps: benchmarks/bench_geed.py)."""
+    check_images(x)
+    matrices = torch.as_tensor(matrices)
+    if matrices.dim() != 3 or matrices.shape[1:] != (3, 3):
+        raise ValueError(f"matrices must have shape [m, 3, 3], got {tuple(matrices.shape)}")
+    b, c, h, w = x.shape
+    m = matrices.shape[0]
+    theta = torch.linalg.inv(matrices.to(device=x.device, dtype=torch.float64))[:, :2, :]
+    grid = F.affine_grid(theta.to(x.dtype), [m, b * c, h, w], align_corners=False)
+    fill_t = _fill_tensor(fill, x)
+    folded = x if fill_t is None else x - fill_t
+    folded = folded.reshape(1, b * c, h, w).expand(m, b * c, h, w)
+    out = F.grid_sample(folded, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = out.reshape(m, b, c, h, w).transpose(0, 1)
+    if fill_t is not None:
+        out = out + fill_t
+    return out.contiguous()

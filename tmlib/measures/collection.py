@@ -18,7 +18,10 @@ The states are kept per statistic spec and layer as K *sample blocks* (K = 1 unl
 collected with ``blocks=K``; merging concatenates the parts' blocks). ``compute`` merges the blocks;
 with ``jackknife`` it also computes, for every block k, the results of all blocks but k (a
 delete-one-block jackknife), merging along a binary tree: K·⌈log₂ K⌉ merges and at most
-⌈log₂ K⌉ + 1 extra sets of states alive at a time.
+⌈log₂ K⌉ + 1 extra sets of states alive at a time. On the CPU every merge of moments is one fused
+read of the arrays (:class:`~.states.ShiftedMoments`). The replicates are not the full merge minus
+block k: a subtraction leaves a rounding residue where the other blocks are constant (a ReLU unit
+dead outside one block), and NV's 0/0 → 1 and x/0 → inf conventions need the exact zero.
 """
 
 from __future__ import annotations

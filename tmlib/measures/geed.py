@@ -64,6 +64,8 @@ from ..results import MeasureResult
 from ..transforms import identity_index
 from .base import LayerInfo, LayerValue, Measure, PassContext, StatSpec
 from .functional import cosine_from_products, cosine_similarity
+from .geed_kernels import orbit_products, pair_products, unit_sums
+from .moments import use_numba
 from .states import ShiftedMoments, SumState
 
 __all__ = [
@@ -124,10 +126,10 @@ class _PairSums(SumState):
         self.sqdist += float(sqdist.sum())
         self.count += dot.numel()
 
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Pairs (a[..., k, :], b[..., k, :]) of float64 vectors."""
-        self.add_products(torch.einsum("...d,...d->...", a, b), torch.einsum("...d,...d->...", a, a),
-                          torch.einsum("...d,...d->...", b, b))
+    def add(self, a: torch.Tensor, b: torch.Tensor, fused: bool = False) -> None:
+        """Pairs (a[..., k, :], b[..., k, :]) of vectors (products in float64; ``fused``: one read
+        of both on the CPU, :func:`~.geed_kernels.pair_products`)."""
+        self.add_products(*pair_products(a, b, fused))
 
 
 class OrbitState(SumState):
@@ -146,6 +148,7 @@ class OrbitState(SumState):
     def __init__(self, layer: LayerInfo, context: PassContext) -> None:
         self.layer = layer
         self.identity = identity_index(context.ts) if context.ts is not None else None
+        self.fused = use_numba(context.backend, context.device)
         self.orbit = _PairSums()
         self.kl = 0.0 if len(layer.shape) == 1 else None
         self.unit_sum: torch.Tensor | None = None
@@ -160,26 +163,23 @@ class OrbitState(SumState):
 
     def update(self, block: torch.Tensor) -> None:
         b, m = block.shape[:2]
-        z = block.reshape(b, m, -1).to(torch.float64)
-        # f(g·x) against the centroid c from dot products: z_g·c, ‖z_g‖², ‖c‖², three reads of z
-        # (a Gram matrix z zᵀ would cost m reads: 25 for the paper's sets).
-        centroid = z.mean(dim=1)
-        self.orbit.add_products(torch.einsum("bmd,bd->bm", z, centroid), torch.einsum("bmd,bmd->bm", z, z),
-                                torch.einsum("bd,bd->b", centroid, centroid).unsqueeze(1).expand(b, m))
-        if self.kl is not None:
+        z = block.reshape(b, m, -1)
+        # f(g·x) against the centroid c from dot products: z_g·c, ‖z_g‖², ‖c‖² (geed_kernels).
+        zc, zz, cc = orbit_products(z, self.fused)
+        self.orbit.add_products(zc, zz, cc.unsqueeze(1).expand(b, m))
+        if self.kl is not None:  # vector layers only (the logits): small
+            z = z.to(torch.float64)
             logp = torch.log_softmax(z, dim=-1)
             log_mean = torch.logsumexp(logp, dim=1, keepdim=True) - math.log(m)
             self.kl += float((logp.exp() * (logp - log_mean)).sum())
         if self.identity is not None:
-            self._add_baseline(z[:, self.identity])
+            self._add_baseline(z[:, self.identity].contiguous())
 
     def _add_baseline(self, a: torch.Tensor) -> None:
-        norms = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
-        units = torch.where(norms > 0, a / torch.where(norms > 0, norms, torch.ones_like(norms)), 0.0)
-        total = units.sum(dim=0)
+        total, sqnorm, zeros = unit_sums(a, self.fused)
         self.unit_sum = total if self.unit_sum is None else self.unit_sum + total
-        self.unit_sqnorm += float(units.square().sum())
-        self.zeros += int((norms == 0).sum())
+        self.unit_sqnorm += sqnorm
+        self.zeros += zeros
         self.vectors.update(a)
 
     # ------------------------------------------------------------------ read-outs
@@ -227,6 +227,7 @@ class LatentEquivarianceState(SumState):
         self.layer = layer
         self.action = action
         self.identity = _required_identity(context.ts, "latent equivariance") if action is not None else None
+        self.fused = use_numba(context.backend, context.device)
         self.pairs = _PairSums()
 
     def update(self, block: torch.Tensor) -> None:
@@ -239,7 +240,7 @@ class LatentEquivarianceState(SumState):
                 f"layer {self.layer.name!r}: the action returned {tuple(expected.shape)}, expected "
                 f"g·f(x) for every g, {tuple(block.shape)}"
             )
-        self.pairs.add(block.reshape(b, m, -1).to(torch.float64), expected.reshape(b, m, -1).to(torch.float64))
+        self.pairs.add(block.reshape(b, m, -1), expected.reshape(b, m, -1), self.fused)
 
     def __getstate__(self) -> dict[str, Any]:  # the action is needed only while the pass runs
         return {**self.__dict__, "action": None}

@@ -23,7 +23,12 @@ torch ops.
 Cost, measured with benchmarks/bench_engine.py on 2 cores (SimpleConv, 12,500 images): the fused
 kernel runs at ≈ 1 G activations/s, ≈ 0.3 forward-times; the same arithmetic as torch ops costs
 ≈ 3.5 forward-times. Tried and kept: tiling over activations (work items of 256), numba's OpenMP
-pool instead of its workqueue (1.75 → 1.31 × forward). Ruled out by analysis, not measured: one
+pool instead of its workqueue (1.75 → 1.31 × forward). The readout of SV (``sample``: the column
+variances, their square roots and their mean over transformations) is a second fused kernel: a
+jackknife with K blocks reads it out K + 1 times per layer, and as torch ops (seven passes, four
+[m, F] temporaries) it and the tree's merges cost more than the pass itself
+(benchmarks/bench_jackknife.py, SimpleConv(16), 200 images × 25 rotations, K = 10, on a busy
+2-core machine: ``compute`` 8.0 s as torch ops, 3.0 s fused, against 7.4 s for the collecting pass). Ruled out by analysis, not measured: one
 shift for rows and columns (fewer loads, but constant columns would no longer give exactly SV = 0,
 breaking NV's x/0 → inf convention) and float32 block partial sums (results would then depend on
 the batch size at ~1e-7, above the 1e-9 the tests demand).
@@ -118,6 +123,27 @@ if _HAVE_NUMBA:
                     col_s2[j, f0 + f] += cs2[j, f]
 
 
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _column_spread_mean(s1, s2, n, std, tile):  # pragma: no cover
+        # SV per activation from the column sums [m, F]: mean over j of std_i (or var_i), the
+        # variance read out as in ShiftedMoments.variance, in one read of s1 and s2 (the torch
+        # readout is seven passes and four [m, F] temporaries, once per jackknife replicate).
+        m, nf = s1.shape
+        out = np.zeros(nf)
+        for t in numba.prange((nf + tile - 1) // tile):
+            f0 = t * tile
+            f1 = min(nf, f0 + tile)
+            for j in range(m):
+                for f in range(f0, f1):
+                    var = (s2[j, f] + (s1[j, f] * s1[j, f]) / -n) / (n - 1)
+                    if var < 0.0:
+                        var = 0.0
+                    out[f] += math.sqrt(var) if std else var
+            for f in range(f0, f1):
+                out[f] /= m
+        return out
+
+
 class STMoments(SumState):
     """Mergeable float64 moments of one layer's ST matrix.
 
@@ -209,6 +235,11 @@ class STMoments(SumState):
 
     def sample(self, stat: str = "std") -> np.ndarray:
         """SV per activation: mean over transformations of the std (or var) over samples."""
+        cols = self.columns
+        if self.backend == "numba" and cols.s1.is_contiguous() and cols.s2.is_contiguous():
+            if cols.n < 2:
+                raise ValueError(f"the sample variance needs at least 2 samples, got n={cols.n}")
+            return _column_spread_mean(cols.s1.numpy(), cols.s2.numpy(), float(cols.n), stat == "std", _TILE)
         var = self.column_variance()
         return (np.sqrt(var) if stat == "std" else var).mean(axis=0)
 

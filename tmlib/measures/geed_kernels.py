@@ -1,0 +1,154 @@
+"""Per-pair dot products of the G-EED states, read from the float32 block once.
+
+Kvinge et al.'s invariance and equivariance metrics need, for every sample i and group element g,
+three dot products of float64 vectors: against the orbit's centroid (f(g·x)·c, ‖f(g·x)‖², ‖c‖²)
+or against the moved untransformed output (f(g·x)·g·f(x), ‖f(g·x)‖², ‖g·f(x)‖²). As torch ops
+each is a float64 copy of the whole [b, m, D] block, a centroid pass and one einsum per product.
+On the CPU the kernels below do it in one read of the float32 block: a tile of D (the m rows of
+a sample, ``_TILE`` values each, ≈ 25 kB for m = 25) is read from memory once, converted to float64
+in registers, and its centroid and products are formed while the tile is in L1.
+
+Measured with benchmarks/bench_geed.py (see README, "Speed"); the torch ops stay the path on other
+devices and the reference the kernels are tested against (tests/test_harness.py: numba vs torch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # numba is a pinned dependency; the torch ops below are the fallback and the GPU path.
+    import numba
+    import numpy as np
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only in broken installs
+    _HAVE_NUMBA = False
+
+__all__ = ["orbit_products", "pair_products", "unit_sums"]
+
+_TILE = 256  # vector entries per tile: m × 256 float32 stay in L1 for the paper's m ≤ 25
+
+
+if _HAVE_NUMBA:
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _orbit_kernel(z, tile):  # pragma: no cover
+        # z: [b, m, D]. Returns z_g·c, ‖z_g‖² ([b, m]) and ‖c‖² ([b]), c = mean_g z_g, in float64.
+        b, m, d = z.shape
+        zc = np.zeros((b, m))
+        zz = np.zeros((b, m))
+        cc = np.zeros(b)
+        for i in numba.prange(b):
+            c = np.empty(tile)
+            for f0 in range(0, d, tile):
+                w = min(d, f0 + tile) - f0
+                for f in range(w):
+                    c[f] = 0.0
+                for j in range(m):
+                    for f in range(w):
+                        v = np.float64(z[i, j, f0 + f])
+                        c[f] += v
+                        zz[i, j] += v * v
+                for f in range(w):
+                    c[f] /= m
+                    cc[i] += c[f] * c[f]
+                for j in range(m):  # the tile again, from cache
+                    acc = 0.0
+                    for f in range(w):
+                        acc += np.float64(z[i, j, f0 + f]) * c[f]
+                    zc[i, j] += acc
+        return zc, zz, cc
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _pair_kernel(a, e):  # pragma: no cover
+        # a, e: [p, D] paired rows. Returns a·e, ‖a‖², ‖e‖² ([p]) in float64.
+        p, d = a.shape
+        ae = np.zeros(p)
+        aa = np.zeros(p)
+        ee = np.zeros(p)
+        for k in numba.prange(p):
+            s_ae = 0.0
+            s_aa = 0.0
+            s_ee = 0.0
+            for f in range(d):
+                x = np.float64(a[k, f])
+                y = np.float64(e[k, f])
+                s_ae += x * y
+                s_aa += x * x
+                s_ee += y * y
+            ae[k] = s_ae
+            aa[k] = s_aa
+            ee[k] = s_ee
+        return ae, aa, ee
+
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _unit_kernel(a, tile):  # pragma: no cover
+        # a: [b, D]. Returns Σ_i a_i/‖a_i‖ ([D], zero rows left out), Σ_i ‖u_i‖², the zero rows.
+        b, d = a.shape
+        norms = np.empty(b)
+        for i in numba.prange(b):
+            s = 0.0
+            for f in range(d):
+                v = np.float64(a[i, f])
+                s += v * v
+            norms[i] = np.sqrt(s)
+        total = np.zeros(d)
+        for t in numba.prange((d + tile - 1) // tile):
+            for i in range(b):
+                if norms[i] > 0.0:
+                    for f in range(t * tile, min(d, (t + 1) * tile)):
+                        total[f] += np.float64(a[i, f]) / norms[i]
+        sq, zeros = 0.0, 0
+        for i in range(b):
+            if norms[i] > 0.0:
+                sq += 1.0
+            else:
+                zeros += 1
+        return total, sq, zeros
+
+
+def _fusable(*tensors: torch.Tensor) -> bool:
+    return _HAVE_NUMBA and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+                               and not t.requires_grad for t in tensors)
+
+
+def orbit_products(z: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For orbits ``z`` [b, m, D] (any float dtype): (z_g·c, ‖z_g‖², ‖c‖²) in float64, shapes
+    [b, m], [b, m], [b], c the mean of each orbit. ``fused``: the one-read CPU kernel (when the
+    tensor is on the CPU and numba is installed), else float64 torch ops."""
+    if fused and _fusable(z):
+        zc, zz, cc = _orbit_kernel(z.contiguous().numpy(), _TILE)
+        return torch.from_numpy(zc), torch.from_numpy(zz), torch.from_numpy(cc)
+    z = z.to(torch.float64)
+    # three reads of z (a Gram matrix z zᵀ would cost m reads: 25 for the paper's sets)
+    centroid = z.mean(dim=1)
+    return (torch.einsum("bmd,bd->bm", z, centroid), torch.einsum("bmd,bmd->bm", z, z),
+            torch.einsum("bd,bd->b", centroid, centroid))
+
+
+def pair_products(a: torch.Tensor, e: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For paired vectors ``a``, ``e`` [..., D]: (a·e, ‖a‖², ‖e‖²) in float64, shape [...]."""
+    if a.shape != e.shape:
+        raise ValueError(f"pair_products: a {tuple(a.shape)} and e {tuple(e.shape)} must have the same shape")
+    if fused and _fusable(a, e):
+        lead = a.shape[:-1]
+        ae, aa, ee = _pair_kernel(a.reshape(-1, a.shape[-1]).contiguous().numpy(),
+                                  e.reshape(-1, e.shape[-1]).contiguous().numpy())
+        return tuple(torch.from_numpy(t).reshape(lead) for t in (ae, aa, ee))
+    a, e = a.to(torch.float64), e.to(torch.float64)
+    return (torch.einsum("...d,...d->...", a, e), torch.einsum("...d,...d->...", a, a),
+            torch.einsum("...d,...d->...", e, e))
+
+
+def unit_sums(a: torch.Tensor, fused: bool) -> tuple[torch.Tensor, float, int]:
+    """For vectors ``a`` [b, D]: (Σ_i a_i/‖a_i‖ [D] float64, Σ_i ‖u_i‖², the number of zero
+    vectors), zero vectors left out of the sums. ``Σ ‖u_i‖²`` is the count of non-zero vectors
+    (exactly, in the kernel; to rounding, as torch ops)."""
+    if fused and _fusable(a):
+        total, sq, zeros = _unit_kernel(a.contiguous().numpy(), _TILE)
+        return torch.from_numpy(total), float(sq), int(zeros)
+    a = a.to(torch.float64)
+    norms = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+    units = torch.where(norms > 0, a / torch.where(norms > 0, norms, torch.ones_like(norms)), 0.0)
+    return units.sum(dim=0), float(units.square().sum()), int((norms == 0).sum())
