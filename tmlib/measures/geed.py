@@ -154,7 +154,7 @@ class OrbitState(SumState):
         self.unit_sum: torch.Tensor | None = None
         self.unit_sqnorm = 0.0  # Σ ‖u_i‖² (= number of non-zero vectors)
         self.zeros = 0  # all-zero untransformed activations
-        self.vectors = ShiftedMoments((layer.size,), context.device)
+        self.vectors = ShiftedMoments((layer.size,), context.device, fused=self.fused)
 
     @property
     def n(self) -> int:

@@ -26,9 +26,9 @@ kernel runs at ≈ 1 G activations/s, ≈ 0.3 forward-times; the same arithmetic
 pool instead of its workqueue (1.75 → 1.31 × forward). The readout of SV (``sample``: the column
 variances, their square roots and their mean over transformations) is a second fused kernel: a
 jackknife with K blocks reads it out K + 1 times per layer, and as torch ops (seven passes, four
-[m, F] temporaries) it and the tree's merges cost more than the pass itself
-(benchmarks/bench_jackknife.py, SimpleConv(16), 200 images × 25 rotations, K = 10, on a busy
-2-core machine: ``compute`` 8.0 s as torch ops, 3.0 s fused, against 7.4 s for the collecting pass). Ruled out by analysis, not measured: one
+[m, F] temporaries) it and the tree's merges are memory-bound (benchmarks/bench_jackknife.py,
+SimpleConv(16), 200 images × 25 rotations, K = 10, 2 cores: ``compute`` 0.60 s as torch ops and
+0.46 s fused on a quiet machine, 8.0 s and 3.0 s beside a running notebook; evaluate 3.0 s). Ruled out by analysis, not measured: one
 shift for rows and columns (fewer loads, but constant columns would no longer give exactly SV = 0,
 breaking NV's x/0 → inf convention) and float32 block partial sums (results would then depend on
 the batch size at ~1e-7, above the 1e-9 the tests demand).
@@ -167,7 +167,7 @@ class STMoments(SumState):
         self.m = m
         self.num_features = num_features
         self.device = device
-        self.columns = ShiftedMoments((m, num_features), device)
+        self.columns = ShiftedMoments((m, num_features), device, fused=self.backend == "numba")
         self.row_std_sum = torch.zeros(num_features, dtype=torch.float64, device=device)
         self.row_var_sum = torch.zeros(num_features, dtype=torch.float64, device=device)
 

@@ -186,6 +186,9 @@ def _nbytes(values: Any, seen: set[int]) -> int:
 class ShiftedMoments(SumState):
     """Exact float64 moments of n vectors of shape ``shape``, shifted by the first one.
 
+    On the CPU, ``update`` and ``merge`` are fused numba kernels (one read of the data); with
+    ``fused=False`` (the states of ``backend="torch"``) or on other devices they are torch ops.
+
     ``update(x [b, *shape])``; ``mean()``, ``variance()`` (unbiased) and ``sum_squares()``
     (Σ (x − mean)²) read it out as float64 tensors of ``shape``. Merging is exact (Chan's shift
     change: Σ(x−K) = Σ(x−K') + n'δ, Σ(x−K)² = Σ(x−K')² + 2δ·Σ(x−K') + n'δ², δ = K' − K).
@@ -193,9 +196,10 @@ class ShiftedMoments(SumState):
 
     reductions: ClassVar[Mapping[str, str]] = {}  # merged by its own method (shift change)
 
-    def __init__(self, shape: tuple[int, ...], device: torch.device | str = "cpu") -> None:
+    def __init__(self, shape: tuple[int, ...], device: torch.device | str = "cpu", fused: bool = True) -> None:
         self.shape = tuple(shape)
         self.device = torch.device(device)
+        self.fused = fused  # False: torch ops even on the CPU (a state of backend="torch")
         self.n = 0
         self.shift: torch.Tensor | None = None
         self.s1 = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
@@ -206,7 +210,8 @@ class ShiftedMoments(SumState):
             raise ValueError(f"expected vectors of shape {self.shape}, got {tuple(x.shape[1:])}")
         if self.shift is None:
             self.shift = x[0].to(torch.float64).clone()
-        flat = _as_numpy(x.reshape(x.shape[0], -1).contiguous()) if self.device.type == "cpu" else None
+        fused = getattr(self, "fused", True) and self.device.type == "cpu"  # (states saved before it existed)
+        flat = _as_numpy(x.reshape(x.shape[0], -1).contiguous()) if fused else None
         if flat is not None:  # one read of x, no float64 temporaries of its size
             _update_kernel(flat, *(t.reshape(-1).numpy() for t in (self.shift, self.s1, self.s2)), _TILE)
             self.n += x.shape[0]
@@ -237,7 +242,8 @@ class ShiftedMoments(SumState):
             self.shift = other.shift.to(self.device).clone()
         o1, o2, oshift = other.s1.to(self.device), other.s2.to(self.device), other.shift.to(self.device)
         flat = [t.reshape(-1) for t in (self.s1, self.s2, o1, o2, self.shift, oshift)]
-        if _HAVE_NUMBA and self.device.type == "cpu" and all(t.is_contiguous() for t in flat):
+        if (_HAVE_NUMBA and getattr(self, "fused", True) and self.device.type == "cpu"
+                and all(t.is_contiguous() for t in flat)):
             # One read of the six arrays instead of five passes and a temporary: a jackknife's
             # tree merges these [m, F] float64 arrays K·⌈log₂ K⌉ times (benchmarks/bench_jackknife.py).
             _merge_kernel(*(t.numpy() for t in flat), float(other.n))
