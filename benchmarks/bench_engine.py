@@ -7,12 +7,17 @@ Measures, in one run and side by side:
   (c) peak memory: the process's peak RSS growth during evaluate, and the float64 accumulators.
 Also reports the same ratio for the torch (non-fused) statistics backend, for comparison.
 
-Usage: python benchmarks/bench_engine.py [--n 500] [--m 25] [--repeats 3]
+With ``--sweep`` it prints instead how the ratio (fused statistics only) grows with n ∈ {250, 500,
+1000} and m ∈ {8, 25, 100}, and for SimpleConv with 64 filters, beside the accumulator memory of
+one pass per layer (``PassStates.nbytes``) against the formula (3m + 2)·F·8 bytes.
+
+Usage: python benchmarks/bench_engine.py [--n 500] [--m 25] [--repeats 3] [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import time
 
@@ -20,7 +25,7 @@ import torch
 
 from tmlib import data, models, transforms
 from tmlib.engine import default_batch_size
-from tmlib.measures import NormalizedVariance, SampleVariance, TransformationVariance, evaluate
+from tmlib.measures import NormalizedVariance, SampleVariance, TransformationVariance, collect, evaluate
 
 
 class CountingModel(torch.nn.Module):
@@ -54,7 +59,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--m", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sweep", action="store_true", help="the ratio over n, m and a wider model")
     args = parser.parse_args()
+    if args.sweep:
+        sweep(args.repeats)
+        return
 
     torch.manual_seed(0)
     dataset = data.load("mnist", "test", n=args.n)
@@ -84,7 +93,7 @@ def main() -> None:
     best = {k: min(v) for k, v in rows.items()}
     layers = results["NV[element,std]"].layer_names
     features = sum(results["TV[element,std]"][name].size for name in layers)
-    accumulators = features * (2 * args.m + 3) * 8
+    accumulators = features * (3 * args.m + 2) * 8  # STMoments: shift, Σ, Σ² [m, F] and two row sums [F]
 
     print(f"(a) bare forwards               {best['forward']:7.2f} s")
     print(f"    evaluate, fused numba stats {best['numba']:7.2f} s   ratio {best['numba'] / best['forward']:.2f}")
@@ -93,6 +102,41 @@ def main() -> None:
     print(f"(c) peak RSS growth during the runs: {(rss_after - rss_before) / 1024:.0f} MiB; "
           f"float64 accumulators: {accumulators / 2**20:.0f} MiB for {features} activations in {len(layers)} layers")
     print(f"    best of {args.repeats}; all times (s): " + ", ".join(f"{k}={[round(t, 2) for t in v]}" for k, v in rows.items()))
+
+
+def ratio(model, x, ts, fill, repeats: int) -> tuple[float, float]:
+    """(bare forwards s, evaluate TV+SV+NV s), best of ``repeats`` interleaved runs."""
+    measures = [TransformationVariance(), SampleVariance(), NormalizedVariance()]
+    batch_size = default_batch_size(len(ts))
+    evaluate(model, x[:4], ts, measures, batch_size=batch_size, fill=fill, progress=False)  # warm-up
+    bare, full = [], []
+    for _ in range(repeats):
+        bare.append(bare_forwards(model, x, ts, batch_size, fill))
+        start = time.perf_counter()
+        evaluate(model, x, ts, measures, batch_size=batch_size, fill=fill, progress=False)
+        full.append(time.perf_counter() - start)
+    return min(bare), min(full)
+
+
+def sweep(repeats: int) -> None:
+    dataset = data.load("mnist", "test", n=1000)
+    x, _ = dataset.tensors()
+    narrow, wide = models.SimpleConv().eval(), models.SimpleConv(filters=64).eval()
+    cases = [("SimpleConv", narrow, n, 25) for n in (250, 500, 1000)]
+    cases += [("SimpleConv", narrow, 500, m) for m in (8, 100)]
+    cases += [("SimpleConv(64)", wide, 500, 25)]
+    print(f"TV + SV + NV, fused statistics; {torch.get_num_threads()} threads, best of {repeats}")
+    print(f"{'model':>15} {'n':>5} {'m':>4} {'forwards s':>11} {'evaluate s':>11} {'ratio':>6} "
+          f"{'states MiB':>11} {'(3m+2)F·8 MiB':>14}")
+    for label, model, n, m in cases:
+        ts = transforms.rotations(m)
+        bare, full = ratio(model, x[:n], ts, dataset.fill, repeats)
+        states = collect(model, x[:8], ts, [TransformationVariance(), SampleVariance(), NormalizedVariance()],
+                         progress=False)
+        measured = sum(states.nbytes().values())
+        formula = sum(math.prod(info.shape) for info in states.layers.values()) * (3 * m + 2) * 8
+        print(f"{label:>15} {n:>5} {m:>4} {bare:>11.2f} {full:>11.2f} {full / bare:>6.2f} "
+              f"{measured / 2**20:>11.1f} {formula / 2**20:>14.1f}")
 
 
 if __name__ == "__main__":
