@@ -8,14 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_train import FAST, Bars, TinyCNN
 
 from tmlib import data as data_module
 from tmlib.experiments import ClaimError, Claims, Estimate, Jack, seed_mean
 from tmlib.experiments.records import save_csv
 from tmlib.stopping import EarlyStop
 from tmlib.train import _lr_factor, train
-
-from test_train import FAST, Bars, TinyCNN
 
 
 @pytest.fixture(scope="module")

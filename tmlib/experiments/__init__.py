@@ -22,6 +22,7 @@ from .claims import OUTCOMES, ClaimError, Claims, claims_markdown, format_interv
 from .design import Design, Measurement
 from .designs import DESIGNS, design
 from .measuring import Timer, accuracy_table, geed_measures, measure, measure_geed, tidy, variance_measures
+from .notebook import Notebook
 from .profiles import (
     FLOORS,
     PROFILES,
@@ -46,7 +47,6 @@ from .zoo import (
     test_accuracy,
     trained_model,
 )
-from .notebook import Notebook
 
 __all__ = [
     "DESIGNS",

@@ -9,7 +9,6 @@ processes), so what a notebook runs and what the plan says cannot drift apart.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,7 +96,7 @@ class Design:
         for spec in self.models.values():
             if spec.trained:
                 seen.setdefault(spec)
-        for source, spec in self.pretrained.values():
+        for source, _fine_tuned in self.pretrained.values():  # fine-tuned by the notebook itself
             seen.setdefault(source)
         return list(seen)
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..activations import LayerObserver
-from ..checks import check_images, check_int
-from .tangents import LEE_NORMALISATION, OUTPUT, check_model, generator_list, generator_matrix, tangents
+from ..checks import check_images
+from .tangents import OUTPUT, check_model, generator_matrix, tangents
 
 __all__ = ["batches", "default_layers", "equivariant_correction", "jvp_many", "layer_function", "lie_derivative", "normalise_layers"]
 
