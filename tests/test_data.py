@@ -307,3 +307,14 @@ def test_fashion_mnist_real_debian_files(tmp_path: Path) -> None:
     assert ds.class_counts().tolist() == [1000] * 10
     assert ds[0][1] == 9  # the first test image is an ankle boot
     assert ds.fill == pytest.approx((-0.2860 / 0.3530,))
+
+
+def test_a_relative_root_is_taken_from_the_project_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Run from benchmarks/ or notebooks/, "data" is still the repository's data/ (it once fetched
+    # a second copy of MNIST into benchmarks/data/).
+    if not (REPO_DATA / "mnist" / "test.pt").exists():
+        pytest.skip("the repository's data/mnist is not fetched (make data)")
+    monkeypatch.chdir(REPO_DATA.parent / "benchmarks")
+    ds = load("mnist", "test", n=20, root="data")
+    assert len(ds) == 20
+    assert not (REPO_DATA.parent / "benchmarks" / "data").exists()

@@ -5,6 +5,9 @@
 Images are kept as uint8 ``[N, C, H, W]`` and normalised on the fly, so a full split stays small
 (MNIST train: 47 MB instead of 188 MB as float32).
 
+A relative ``root`` is taken from the project root (:func:`tmlib.paths.resolve`), so ``"data"`` is
+the same folder from the repository, ``notebooks/`` or ``benchmarks/``.
+
 Where the files come from (``fetch`` puts them under ``root``; ``load`` calls it only when the
 cache is missing, and nothing else here touches a network):
 
@@ -44,6 +47,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .files import atomic_save
+from .paths import resolve
 
 __all__ = ["DATASETS", "SPLITS", "FetchResult", "ImageDataset", "describe", "fetch", "holdout", "load", "available"]
 
@@ -239,7 +243,7 @@ def load(
     # numbers.Integral also admits numpy ints; bool is an int but never a sensible n.
     if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0):
         raise ValueError(f"n must be a positive integer or None, got n={n!r}")
-    root = Path(root)
+    root = resolve(root)  # relative to the project root, as everywhere in tmlib
 
     if spec.name == "cifar10":
         images, labels, classes = _read_cifar(root, split, download)
@@ -307,7 +311,7 @@ def fetch(name: str, root: str | os.PathLike = "data", *, download: bool = True)
     CIFAR-10 must be (or be downloaded to) ``root/cifar-10-batches-py``; it is only checked.
     """
     spec = _spec(name)
-    root = Path(root)
+    root = resolve(root)  # relative to the project root, as everywhere in tmlib
     start = time.perf_counter()
     if spec.name == "mnist":
         source = _fetch_mnist(root, download)

@@ -14,22 +14,21 @@ devices and the reference the kernels are tested against (tests/test_harness.py:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-try:  # numba is a pinned dependency; the torch ops below are the fallback and the GPU path.
-    import numba
-    import numpy as np
+from .moments import numba_available
+from .states import numpy_view
 
-    _HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - exercised only in broken installs
-    _HAVE_NUMBA = False
+if numba_available():  # moments.py already chose numba's threading layer; the torch ops below
+    import numba  # are the fallback and the GPU path
 
 __all__ = ["orbit_products", "pair_products", "unit_sums"]
 
 _TILE = 256  # vector entries per tile: m × 256 float32 stay in L1 for the paper's m ≤ 25
 
 
-if _HAVE_NUMBA:
+if numba_available():
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _orbit_kernel(z, tile):  # pragma: no cover
@@ -108,17 +107,13 @@ if _HAVE_NUMBA:
         return total, sq, zeros
 
 
-def _fusable(*tensors: torch.Tensor) -> bool:
-    return _HAVE_NUMBA and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
-                               and not t.requires_grad for t in tensors)
-
-
 def orbit_products(z: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For orbits ``z`` [b, m, D] (any float dtype): (z_g·c, ‖z_g‖², ‖c‖²) in float64, shapes
     [b, m], [b, m], [b], c the mean of each orbit. ``fused``: the one-read CPU kernel (when the
     tensor is on the CPU and numba is installed), else float64 torch ops."""
-    if fused and _fusable(z):
-        zc, zz, cc = _orbit_kernel(z.contiguous().numpy(), _TILE)
+    view = numpy_view(z.contiguous()) if fused else None
+    if view is not None:
+        zc, zz, cc = _orbit_kernel(view, _TILE)
         return torch.from_numpy(zc), torch.from_numpy(zz), torch.from_numpy(cc)
     z = z.to(torch.float64)
     # three reads of z (a Gram matrix z zᵀ would cost m reads: 25 for the paper's sets)
@@ -131,11 +126,10 @@ def pair_products(a: torch.Tensor, e: torch.Tensor, fused: bool) -> tuple[torch.
     """For paired vectors ``a``, ``e`` [..., D]: (a·e, ‖a‖², ‖e‖²) in float64, shape [...]."""
     if a.shape != e.shape:
         raise ValueError(f"pair_products: a {tuple(a.shape)} and e {tuple(e.shape)} must have the same shape")
-    if fused and _fusable(a, e):
-        lead = a.shape[:-1]
-        ae, aa, ee = _pair_kernel(a.reshape(-1, a.shape[-1]).contiguous().numpy(),
-                                  e.reshape(-1, e.shape[-1]).contiguous().numpy())
-        return tuple(torch.from_numpy(t).reshape(lead) for t in (ae, aa, ee))
+    views = [numpy_view(t.reshape(-1, t.shape[-1]).contiguous()) for t in (a, e)] if fused else [None]
+    if all(v is not None for v in views):
+        ae, aa, ee = _pair_kernel(*views)
+        return tuple(torch.from_numpy(t).reshape(a.shape[:-1]) for t in (ae, aa, ee))
     a, e = a.to(torch.float64), e.to(torch.float64)
     return (torch.einsum("...d,...d->...", a, e), torch.einsum("...d,...d->...", a, a),
             torch.einsum("...d,...d->...", e, e))
@@ -145,8 +139,9 @@ def unit_sums(a: torch.Tensor, fused: bool) -> tuple[torch.Tensor, float, int]:
     """For vectors ``a`` [b, D]: (Σ_i a_i/‖a_i‖ [D] float64, Σ_i ‖u_i‖², the number of zero
     vectors), zero vectors left out of the sums. ``Σ ‖u_i‖²`` is the count of non-zero vectors
     (exactly, in the kernel; to rounding, as torch ops)."""
-    if fused and _fusable(a):
-        total, sq, zeros = _unit_kernel(a.contiguous().numpy(), _TILE)
+    view = numpy_view(a.contiguous()) if fused else None
+    if view is not None:
+        total, sq, zeros = _unit_kernel(view, _TILE)
         return torch.from_numpy(total), float(sq), int(zeros)
     a = a.to(torch.float64)
     norms = torch.linalg.vector_norm(a, dim=-1, keepdim=True)

@@ -28,8 +28,8 @@ variances, their square roots and their mean over transformations) is a second f
 jackknife with K blocks reads it out K + 1 times per layer, and as torch ops (seven passes, four
 [m, F] temporaries) it and the tree's merges are memory-bound (benchmarks/bench_jackknife.py,
 SimpleConv(16), 200 images × 25 rotations, K = 10, 2 cores: ``compute`` 0.60 s as torch ops and
-0.46 s fused on a quiet machine, 8.0 s and 3.0 s beside a running notebook; evaluate 3.0 s). Ruled out by analysis, not measured: one
-shift for rows and columns (fewer loads, but constant columns would no longer give exactly SV = 0,
+0.46 s fused on a quiet machine, 8.0 s and 3.0 s beside a running notebook; evaluate 3.0 s).
+Ruled out by analysis, not measured: one shift for rows and columns (fewer loads, but constant columns would no longer give exactly SV = 0,
 breaking NV's x/0 → inf convention) and float32 block partial sums (results would then depend on
 the batch size at ~1e-7, above the 1e-9 the tests demand).
 """

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["ShiftedMoments", "SumState"]
+__all__ = ["ShiftedMoments", "SumState", "numpy_view"]
 
 _REDUCTIONS = ("sum", "state", "cat")
 
@@ -76,9 +76,9 @@ if _HAVE_NUMBA:
 _TILE = 1024  # vector entries per parallel work item of _update_kernel
 
 
-def _as_numpy(x: torch.Tensor) -> Any:
-    """x as a numpy array sharing its memory, or None where numba cannot read it (another device,
-    a tensor that needs grad, a torch.func wrapper, an integer dtype)."""
+def numpy_view(x: torch.Tensor) -> Any:
+    """x as a numpy array sharing its memory, for a numba kernel; None where numba cannot read it
+    (not installed, another device, a tensor that needs grad, a torch.func wrapper, an integer dtype)."""
     if not _HAVE_NUMBA or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.requires_grad:
         return None
     try:
@@ -210,8 +210,7 @@ class ShiftedMoments(SumState):
             raise ValueError(f"expected vectors of shape {self.shape}, got {tuple(x.shape[1:])}")
         if self.shift is None:
             self.shift = x[0].to(torch.float64).clone()
-        fused = getattr(self, "fused", True) and self.device.type == "cpu"  # (states saved before it existed)
-        flat = _as_numpy(x.reshape(x.shape[0], -1).contiguous()) if fused else None
+        flat = numpy_view(x.reshape(x.shape[0], -1).contiguous()) if self._kernels() else None
         if flat is not None:  # one read of x, no float64 temporaries of its size
             _update_kernel(flat, *(t.reshape(-1).numpy() for t in (self.shift, self.s1, self.s2)), _TILE)
             self.n += x.shape[0]
@@ -242,8 +241,7 @@ class ShiftedMoments(SumState):
             self.shift = other.shift.to(self.device).clone()
         o1, o2, oshift = other.s1.to(self.device), other.s2.to(self.device), other.shift.to(self.device)
         flat = [t.reshape(-1) for t in (self.s1, self.s2, o1, o2, self.shift, oshift)]
-        if (_HAVE_NUMBA and getattr(self, "fused", True) and self.device.type == "cpu"
-                and all(t.is_contiguous() for t in flat)):
+        if self._kernels() and all(t.is_contiguous() for t in flat):
             # One read of the six arrays instead of five passes and a temporary: a jackknife's
             # tree merges these [m, F] float64 arrays K·⌈log₂ K⌉ times (benchmarks/bench_jackknife.py).
             _merge_kernel(*(t.numpy() for t in flat), float(other.n))
@@ -258,6 +256,11 @@ class ShiftedMoments(SumState):
         self.s1.add_(delta, alpha=float(other.n))
         self.n += other.n
         return self
+
+    def _kernels(self) -> bool:
+        """Whether update and merge run the fused CPU kernels (``fused`` is absent from states
+        saved before it existed: they fuse)."""
+        return _HAVE_NUMBA and getattr(self, "fused", True) and self.device.type == "cpu"
 
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.s2).all())
