@@ -250,6 +250,7 @@ LAYERS = [
     {"measures.moments", "measures.collection", "measures.goodfellow_states", "measures.geed_kernels"},
     {"measures.variance", "measures.anova", "measures.goodfellow", "measures.distance",
      "measures.same_equivariance", "measures.geed"},
+    {"distributed"},
     {"engine"},
     {"stratified"},
     {"lie.tangents", "lie.derivative", "lie.liegg", "widgets.data", "widgets.figures", "widgets.export",

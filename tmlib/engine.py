@@ -12,6 +12,7 @@ mergeable, savable); :func:`evaluate` computes the results from them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,8 +21,9 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from . import distributed as _distributed
 from .activations import LayerObserver
-from .adapters import default_fill, image_blocks
+from .adapters import default_fill, first_tensor, image_blocks, subset
 from .checks import check_int
 from .devices import placed, resolve_device
 from .measures.base import LayerInfo, Measure, PassContext, StatSpec
@@ -162,6 +164,7 @@ def collect(
     statistics: Sequence[StatSpec] = (),
     references: PassStates | None = None,
     start: int = 0,
+    distributed: bool | None = None,
 ) -> PassStates:
     """Run the single pass and return its states (see :func:`evaluate` for the other arguments).
 
@@ -179,6 +182,36 @@ def collect(
     The result merges with the states of other passes (:func:`~tmlib.measures.merge_states`) and
     computes results with ``.compute(measures)``.
     """
+    if _distributed.active(distributed):
+        if references is not None or start:
+            raise ValueError("references, start: the ranks of a distributed pass share their reference pass "
+                             "and split the samples themselves; pass neither")
+        return _collect_distributed(model, x, ts, measures, layers=layers, batch_size=batch_size, device=device,
+                                    fill=fill, progress=progress, backend=backend, metadata=metadata,
+                                    blocks=blocks, statistics=statistics)
+    return _collect(model, x, ts, measures, layers, batch_size, device, fill, progress, backend, metadata, blocks,
+                    statistics, references, start)
+
+
+def _check_blocks(blocks: Any, n: int, listed: Sequence[Measure]) -> None:
+    if blocks is None:
+        return
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or not 2 <= blocks <= n:
+        raise ValueError(f"blocks must be None or an integer with 2 ≤ blocks ≤ n = {n}, got {blocks!r}")
+    refusing = [mm.name for mm in listed if not mm.supports_blocks]
+    if refusing:
+        raise ValueError(
+            f"blocks: {refusing} cannot give jackknife replicates: their thresholds are set on "
+            "all n samples by the reference pass, so a replicate would need its own reference "
+            "pass and threshold (see GoodfellowMeasure); measure them without blocks"
+        )
+
+
+def _collect(model, x, ts, measures, layers, batch_size, device, fill, progress, backend, metadata, blocks,
+             statistics, references, start, n_total: int | None = None, bounds: list[int] | None = None,
+             blocked: bool | None = None) -> PassStates:
+    """:func:`collect` in this process. A rank of a distributed pass gives its part of the samples
+    with ``n_total`` (all samples), ``bounds`` (its blocks, local indices) and ``blocked``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     listed = list(named_measures(measures).values()) if (isinstance(measures, Measure) or measures) else []
@@ -198,25 +231,18 @@ def collect(
     if layers is None and callable(getattr(model, "layer_names", None)):
         layers = model.layer_names()  # paper models: the paper's layers, without flatten/dropout
     batches, n = image_blocks(x, batch_size)
-    if n < 2:
-        raise ValueError(f"x: at least 2 samples are needed for the sample variance, got n={n}")
-    if blocks is not None:
-        if isinstance(blocks, bool) or not isinstance(blocks, int) or not 2 <= blocks <= n:
-            raise ValueError(f"blocks must be None or an integer with 2 ≤ blocks ≤ n = {n}, got {blocks!r}")
-        refusing = [mm.name for mm in listed if not mm.supports_blocks]
-        if refusing:
-            raise ValueError(
-                f"blocks: {refusing} cannot give jackknife replicates: their thresholds are set on "
-                "all n samples by the reference pass, so a replicate would need its own reference "
-                "pass and threshold (see GoodfellowMeasure); measure them without blocks"
-            )
-    bounds = block_bounds(n, blocks or 1)
+    n_total = n if n_total is None else n_total
+    if n_total < 2:
+        raise ValueError(f"x: at least 2 samples are needed for the sample variance, got n={n_total}")
+    if bounds is None:
+        _check_blocks(blocks, n, listed)
+        bounds, blocked = block_bounds(n, blocks or 1), bool(blocks)
     fill = default_fill(x, fill)
     if backend == "auto" and device.type == "cpu":
         _set_numba_threads()
 
     start = check_int("start", start, 0)
-    context = PassContext(m=m, n=n, device=device, backend=backend, ts=ts, fill=fill)
+    context = PassContext(m=m, n=n_total, device=device, backend=backend, ts=ts, fill=fill)
     for measure in listed:  # before any forward: the same error whatever the order of the measures
         measure.check(context)
     specs = list(dict.fromkeys([mm.spec() for mm in listed] + statistics))
@@ -278,10 +304,75 @@ def collect(
         base_meta["skipped_modules"] = main.skipped
     if start or references is not None:
         base_meta.update(start=start, shared_reference_pass=references is not None)
-    if blocks:
-        base_meta.update(blocks=blocks, block_sizes=[b - a for a, b in zip(bounds[:-1], bounds[1:])])
+    if blocked:
+        base_meta.update(blocks=len(bounds) - 1, block_sizes=[b - a for a, b in zip(bounds[:-1], bounds[1:])])
     return PassStates(main.infos, main.states, [b - a for a, b in zip(bounds[:-1], bounds[1:])], base_meta,
-                      blocked=bool(blocks))
+                      blocked=blocked)
+
+
+def _collect_distributed(model, x, ts, measures, *, layers, batch_size, device, fill, progress, backend, metadata,
+                         blocks, statistics) -> PassStates:
+    """:func:`collect` on every rank of the process group (see :mod:`tmlib.distributed`)."""
+    rank, size = _distributed.world()
+    named = named_measures(measures) if (isinstance(measures, Measure) or measures) else {}
+
+    def prepare():
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not hasattr(ts, "apply") or not hasattr(ts, "__len__"):
+            raise TypeError(f"ts must be a transformation set (tmlib.transforms), got {type(ts).__name__}")
+        _, n = image_blocks(x, 1)
+        _check_blocks(blocks, n, list(named.values()))
+        if any(s.reference_spec() is not None for s in statistics):
+            raise ValueError("statistics: extra statistics with a reference pass are not measured across ranks")
+        share = _distributed.rank_share(n, size, rank, blocks)
+        ends = [x[0], x[n - 1]] if isinstance(x, torch.Tensor) else [first_tensor(x[0]), first_tensor(x[n - 1])]
+        fp = _distributed.fingerprint(model, ts, n, ends, measures=[(k, repr(v)) for k, v in named.items()],
+                                      statistics=list(statistics), layers=layers, blocks=blocks,
+                                      fill=default_fill(x, fill))
+        return n, share, _distributed.rank_device(device, model, x), fp
+
+    n, (first, stop, bounds), here, fp = _distributed.run_guarded(prepare, "preparing the pass")
+    _distributed.check_same(fp)
+    part = x[first:stop] if isinstance(x, torch.Tensor) else subset(x, range(first, stop))
+    meta = dict(metadata or {})
+    if not isinstance(x, torch.Tensor):
+        meta.setdefault("dataset", getattr(x, "name", None))
+    shown = progress if rank == 0 else False
+    fill = default_fill(x, fill)
+    seconds = {"reference": 0.0, "pass": 0.0, "collectives": 0.0}
+    references, reference_images = None, 0
+    if any(mm.spec().reference_spec() is not None for mm in named.values()):
+        clock = time.perf_counter()
+        mine = _distributed.run_guarded(
+            lambda: collect_references(model, part, ts, named, n_total=n, start=first, layers=layers,
+                                       batch_size=batch_size, device=here, progress=shown, backend=backend),
+            "the reference pass")
+        seconds["reference"] = time.perf_counter() - clock
+        reference_images = mine.metadata["images_forwarded"]
+        references, spent = _distributed.gather(mine, here, fold=lambda a, b: a.merge(b))
+        seconds["collectives"] += spent
+    clock = time.perf_counter()
+    mine = _distributed.run_guarded(
+        lambda: _collect(model, part, ts, measures, layers, batch_size, here, fill, shown, backend, meta, blocks,
+                         statistics, references, first, n_total=n, bounds=bounds, blocked=bool(blocks)),
+        "the pass")
+    seconds["pass"] = time.perf_counter() - clock
+    images = mine.metadata["images_forwarded"] + reference_images
+    merged, spent = _distributed.gather(mine, "cpu", fold=lambda a, b: a.merge(b))
+    seconds["collectives"] += spent
+    ranks: list[Any] = [None] * size
+    torch.distributed.all_gather_object(ranks, (stop - first, str(here), images, seconds))
+    for key in ("start", "shared_reference_pass", "merged_passes"):
+        merged.metadata.pop(key, None)
+    merged.metadata.update(
+        n=n, device=ranks[0][1], images_forwarded=sum(r[2] for r in ranks),
+        distributed={"world_size": size, "backend": str(torch.distributed.get_backend()),
+                     "rank_samples": [r[0] for r in ranks], "rank_devices": [r[1] for r in ranks],
+                     "rank_images_forwarded": [r[2] for r in ranks],
+                     "rank_seconds": [{k: round(v, 4) for k, v in r[3].items()} for r in ranks]},
+    )
+    return merged
 
 
 def collect_references(
@@ -344,6 +435,7 @@ def evaluate(
     backend: str = "auto",
     metadata: dict[str, Any] | None = None,
     blocks: int | None = None,
+    distributed: bool | None = None,
 ) -> dict[str, MeasureResult]:
     """Measure every observed layer of ``model`` under the transformation set ``ts``, in one pass.
 
@@ -381,11 +473,26 @@ def evaluate(
             ⌈log₂ K⌉ + 1 merged sets while the replicates are computed; for the variance family a
             layer of F activations costs (3m + 2)·F·8 bytes per block. Not available for
             ``GoodfellowMeasure`` (its thresholds are set on all n samples).
+        distributed: across the ranks of a ``torch.distributed`` process group (None: when one is
+            initialised, e.g. under ``torchrun``; True: always, initialising one from torchrun's
+            environment variables if needed; False: in this process only). Every rank must call
+            ``evaluate`` with the same model, ``ts``, x and measures (checked before the first
+            forward: :class:`~tmlib.distributed.RankMismatchError`); rank r of W measures samples
+            floor(r·n/W) … floor((r+1)·n/W) − 1 (whole jackknife blocks with ``blocks``, then
+            K ≥ W), reading a dataset only there, on ``cuda:LOCAL_RANK`` where CUDA is present
+            (else ``device``); the states are gathered and merged in rank order, so every rank
+            returns the same results, equal to one process's over all n samples (rel 1e-9).
+            Goodfellow's thresholds come from a reference pass shared by the ranks (exact). The
+            metadata's ``images_forwarded`` counts every rank's forwards (n·m, + n for a reference
+            pass); ``metadata["distributed"]`` has each rank's samples, device, forwards and
+            seconds (reference pass, pass, collectives). Only rank 0 shows a progress bar. See
+            :mod:`tmlib.distributed`.
 
     Returns:
         ``{name: MeasureResult}`` in the order the measures were given.
     """
     named = named_measures(measures)
     states = collect(model, x, ts, list(named.values()), layers=layers, batch_size=batch_size, device=device,
-                     fill=fill, progress=progress, backend=backend, metadata=metadata, blocks=blocks)
+                     fill=fill, progress=progress, backend=backend, metadata=metadata, blocks=blocks,
+                     distributed=distributed)
     return states.compute(named)

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed as _distributed
 from .. import stats
 from ..checks import check_images, check_int
 from ..devices import on_model_device
@@ -104,6 +105,71 @@ def _leave_one_out_variance(blocks: list[ShiftedMoments]) -> np.ndarray:
     return np.asarray(out)
 
 
+@dataclass
+class _Sums:
+    """What the LEE pass accumulates over its samples, per layer: the per-sample means over units
+    of (L_h f)² ([k] lists of [b] chunks, in sample order), their per-unit sums [k, F], f's shifted
+    moments per sample block (global blocks; empty where the samples lie elsewhere), shapes,
+    units and kinds. Two parts over consecutive samples merge into one."""
+
+    per_sample: list[list[list[torch.Tensor]]]
+    per_unit: list[torch.Tensor]
+    moments: list[list[ShiftedMoments]]
+    shapes: list[tuple[int, ...]]
+    units: list[int]
+    kinds: list[str]
+
+    def merge(self, other: _Sums) -> _Sums:
+        for i in range(len(self.per_unit)):
+            for g, chunks in enumerate(other.per_sample[i]):
+                self.per_sample[i][g].extend(chunks)
+            self.per_unit[i] = self.per_unit[i] + other.per_unit[i]
+            for mine, theirs in zip(self.moments[i], other.moments[i]):
+                mine.merge(theirs)
+        return self
+
+
+def _accumulate(model, x, first, stop, bounds, gens, layers, batch_size, fill, equivariant, progress) -> _Sums:
+    """The LEE pass over samples first … stop − 1 of x."""
+    fn = layer_function(model, layers)
+    count = len(layers)
+    per_sample: list[list[list[torch.Tensor]]] = [[[] for _ in gens] for _ in layers]
+    per_unit: list[torch.Tensor | None] = [None] * count  # Σ over samples of (L_h f)² per unit [k, F]
+    shapes: list[tuple[int, ...]] = [()] * count
+    units = [0] * count
+    kinds = ["invariance"] * count
+    # Per layer and sample block: f's shifted moments per unit (one block without a jackknife).
+    moments: list[list[ShiftedMoments] | None] = [None] * count
+    with torch.no_grad(), tqdm(total=stop - first, desc="LEE", unit="sample", disable=not progress) as bar:
+        for start, end in batches(stop - first, batch_size):
+            start, end = start + first, end + first
+            xb = x[start:end]
+            primal, jv = jvp_many(fn, xb, tangents(xb, gens, fill))
+            for i, (p, d) in enumerate(zip(primal, jv)):
+                flat = p.reshape(end - start, -1)
+                if moments[i] is None:
+                    moments[i] = [ShiftedMoments((flat.shape[1],), flat.device) for _ in range(len(bounds) - 1)]
+                for b in range(len(bounds) - 1):  # the samples of this batch in block b
+                    lo, hi = max(start, bounds[b]), min(end, bounds[b + 1])
+                    if lo < hi:
+                        moments[i][b].update(flat[lo - start:hi - start])
+                if equivariant:
+                    corr = equivariant_correction(p, gens, fill)
+                    if corr is not None:
+                        d = d - corr
+                        kinds[i] = "equivariance"
+                shapes[i] = tuple(p.shape[1:])
+                d = d.reshape(len(gens), end - start, -1).double()
+                units[i] = d.shape[-1]
+                squares = d**2
+                per_unit[i] = squares.sum(1) if per_unit[i] is None else per_unit[i] + squares.sum(1)
+                sq = squares.mean(dim=-1)  # [k, b]: mean over units per sample
+                for g in range(len(gens)):
+                    per_sample[i][g].append(sq[g])
+            bar.update(end - start)
+    return _Sums(per_sample, per_unit, moments, shapes, units, kinds)
+
+
 def lee(
     model: Callable,
     x: torch.Tensor,
@@ -114,6 +180,7 @@ def lee(
     equivariant: bool = False,
     progress: bool = True,
     blocks: int | None = None,
+    distributed: bool | None = None,
 ) -> LEEResult:
     """LEE of every requested layer along every generator, in one forward-mode run per batch.
 
@@ -128,6 +195,11 @@ def lee(
             per-block shifted moments). Two models measured on the same x with the same K have
             paired replicates: the jackknife of a difference between them is the difference of
             replicates.
+        distributed: across the ranks of a ``torch.distributed`` process group, as for
+            :func:`tmlib.measures.evaluate` (None: when one is initialised): rank r takes its share
+            of the samples (:func:`tmlib.distributed.rank_share`; whole blocks with ``blocks``),
+            on the model's device (put it on ``cuda:LOCAL_RANK``), and the sums are gathered and
+            merged in rank order, so every rank returns the same result.
 
     Returns:
         :class:`LEEResult` (its ``frame`` is what :func:`lie_equivariance_error` returns).
@@ -143,40 +215,20 @@ def lee(
     blocks = check_blocks(blocks, n)
     bounds = block_bounds(n, blocks) if blocks is not None else [0, n]
     block_of = torch.bucketize(torch.arange(n), torch.tensor(bounds[1:-1]), right=True)  # sample → block
-    fn = layer_function(model, layers)
-    per_sample: list[list[list[torch.Tensor]]] = [[[] for _ in names] for _ in layers]
-    per_unit: list[torch.Tensor | None] = [None] * len(layers)  # Σ over samples of (L_h f)² per unit [k, F]
-    shapes: list[tuple[int, ...]] = [()] * len(layers)
-    units = [0] * len(layers)
-    kinds = ["invariance"] * len(layers)
-    # Per layer and sample block: f's shifted moments per unit (one block without a jackknife).
-    moments: list[list[ShiftedMoments] | None] = [None] * len(layers)
-    with torch.no_grad(), tqdm(total=n, desc="LEE", unit="sample", disable=not progress) as bar:
-        for start, stop in batches(n, batch_size):
-            xb = x[start:stop]
-            primal, jv = jvp_many(fn, xb, tangents(xb, gens, fill))
-            for i, (p, d) in enumerate(zip(primal, jv)):
-                flat = p.reshape(stop - start, -1)
-                if moments[i] is None:
-                    moments[i] = [ShiftedMoments((flat.shape[1],), flat.device) for _ in range(len(bounds) - 1)]
-                for b in range(len(bounds) - 1):  # the samples of this batch in block b
-                    lo, hi = max(start, bounds[b]), min(stop, bounds[b + 1])
-                    if lo < hi:
-                        moments[i][b].update(flat[lo - start:hi - start])
-                if equivariant:
-                    corr = equivariant_correction(p, gens, fill)
-                    if corr is not None:
-                        d = d - corr
-                        kinds[i] = "equivariance"
-                shapes[i] = tuple(p.shape[1:])
-                d = d.reshape(len(names), stop - start, -1).double()
-                units[i] = d.shape[-1]
-                squares = d**2
-                per_unit[i] = squares.sum(1) if per_unit[i] is None else per_unit[i] + squares.sum(1)
-                sq = squares.mean(dim=-1)  # [k, b]: mean over units per sample
-                for g in range(len(names)):
-                    per_sample[i][g].append(sq[g])
-            bar.update(stop - start)
+    span = _distributed.share_samples(distributed, model, x, blocks, generators=names, generator_matrices=gens.tolist(),
+                                      layers=layers, equivariant=equivariant, fill=fill)
+
+    def accumulate() -> _Sums:
+        first, stop = span or (0, n)
+        return _accumulate(model, x, first, stop, bounds, gens, layers, batch_size, fill, equivariant,
+                           progress and (span is None or _distributed.world()[0] == 0))
+
+    if span is None:
+        sums = accumulate()
+    else:
+        sums = _distributed.gather(_distributed.run_guarded(accumulate, "the LEE pass"), "cpu", fold=_Sums.merge)[0]
+    per_sample, per_unit, moments, shapes, units, kinds = (sums.per_sample, sums.per_unit, sums.moments, sums.shapes,
+                                                           sums.units, sums.kinds)
     rows = []
     results: dict[tuple[str, str], MeasureResult] = {}
     replicates: dict[tuple[str, str], dict[str, np.ndarray]] = {}
@@ -234,6 +286,7 @@ def lie_equivariance_error(
     equivariant: bool = False,
     progress: bool = True,
     blocks: int | None = None,
+    distributed: bool | None = None,
 ) -> pd.DataFrame:
     """LEE of every requested layer along every generator, in one forward-mode run per batch.
 
@@ -243,6 +296,7 @@ def lie_equivariance_error(
             model has it, else the output.
         equivariant: see :func:`~tmlib.lie.lie_derivative` (image-shaped layers only).
         blocks: K for jackknife intervals (see :func:`lee`, which also returns the replicates).
+        distributed: see :func:`lee`.
 
     Returns:
         Tidy DataFrame, one row per (layer, generator) in forward order, columns ``layer``,
@@ -255,4 +309,4 @@ def lie_equivariance_error(
         (invariance/equivariance), ``normalisation``; with ``blocks`` also ``se``, ``low``,
         ``high``, ``relative_se``, ``relative_low``, ``relative_high`` (jackknife, 95 %).
     """
-    return lee(model, x, generators, layers, batch_size, fill, equivariant, progress, blocks).frame
+    return lee(model, x, generators, layers, batch_size, fill, equivariant, progress, blocks, distributed).frame

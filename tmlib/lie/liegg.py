@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed as _distributed
 from ..checks import check_images, check_int
 from ..devices import on_model_device
 from ..engine import block_bounds
@@ -194,6 +195,7 @@ def liegg(
     progress: bool = True,
     output: str = "units",
     blocks: int | None = None,
+    distributed: bool | None = None,
 ) -> LieGGResult:
     """LieGG: the symmetries a network has learned, from its Lie derivatives on data x.
 
@@ -218,6 +220,9 @@ def liegg(
             (:func:`tmlib.engine.block_bounds`) for a delete-one-block jackknife of the eigenvalues
             and biases (:meth:`LieGGResult.replicates`, :meth:`LieGGResult.summary`); no extra
             forward.
+        distributed: across the ranks of a ``torch.distributed`` process group (None: when one
+            is initialised), as for :func:`tmlib.lie.lee`: each rank its share of the samples,
+            the Gram sums gathered, every rank the same result.
     """
     check_model(model)
     check_images(x, allow_empty=False)
@@ -237,22 +242,38 @@ def liegg(
     blocks = check_blocks(blocks, n)
     bounds = block_bounds(n, blocks) if blocks is not None else [0, n]
     # Per sample block: Σ rowᵀrow and the rows' count (one block without a jackknife).
-    block_sums = torch.zeros(len(bounds) - 1, k, k, dtype=torch.float64)
-    block_rows = torch.zeros(len(bounds) - 1, dtype=torch.float64)
-    units = 0
-    with torch.no_grad(), tqdm(total=n, desc="LieGG", unit="sample", disable=not progress) as bar:
-        for start, stop in batches(n, batch_size):
-            xb = x[start:stop]
-            _, jv = jvp_many(fn, xb, tangents(xb, basis, fill))
-            units = jv[0][0].reshape(stop - start, -1).shape[1]
-            e = jv[0].reshape(k, stop - start, units).double().cpu()  # [k, samples, units]
-            for b in range(len(bounds) - 1):  # the samples of this batch in block b
-                lo, hi = max(start, bounds[b]), min(stop, bounds[b + 1])
-                if lo < hi:
-                    part = e[:, lo - start:hi - start].reshape(k, -1)
-                    block_sums[b] += part @ part.T
-                    block_rows[b] += part.shape[1]
-            bar.update(stop - start)
+    span = _distributed.share_samples(distributed, model, x, blocks, layer=layers, translations=translations,
+                                      fill=fill, output=output)
+
+    def accumulate() -> tuple[torch.Tensor, torch.Tensor, int]:
+        block_sums = torch.zeros(len(bounds) - 1, k, k, dtype=torch.float64)
+        block_rows = torch.zeros(len(bounds) - 1, dtype=torch.float64)
+        units = 0
+        first, last = span or (0, n)
+        shown = progress and (span is None or _distributed.world()[0] == 0)
+        with torch.no_grad(), tqdm(total=last - first, desc="LieGG", unit="sample", disable=not shown) as bar:
+            for start, stop in batches(last - first, batch_size):
+                start, stop = start + first, stop + first
+                xb = x[start:stop]
+                _, jv = jvp_many(fn, xb, tangents(xb, basis, fill))
+                units = jv[0][0].reshape(stop - start, -1).shape[1]
+                e = jv[0].reshape(k, stop - start, units).double().cpu()  # [k, samples, units]
+                for b in range(len(bounds) - 1):  # the samples of this batch in block b
+                    lo, hi = max(start, bounds[b]), min(stop, bounds[b + 1])
+                    if lo < hi:
+                        part = e[:, lo - start:hi - start].reshape(k, -1)
+                        block_sums[b] += part @ part.T
+                        block_rows[b] += part.shape[1]
+                bar.update(stop - start)
+        return block_sums, block_rows, units
+
+    if span is None:
+        block_sums, block_rows, units = accumulate()
+    else:  # the ranks' blocks are disjoint: the sums of other ranks' blocks are exact zeros here
+        parts = _distributed.gather(_distributed.run_guarded(accumulate, "the LieGG pass"))[0]
+        block_sums = torch.stack([p[0] for p in parts]).sum(0)
+        block_rows = torch.stack([p[1] for p in parts]).sum(0)
+        units = parts[0][2]
     rows = float(block_rows.sum())
     gram = block_sums.sum(0) / rows
     gram = (gram + gram.T) / 2
