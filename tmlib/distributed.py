@@ -42,11 +42,16 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from .adapters import default_fill, first_tensor, image_blocks, subset
 from .devices import resolve_device
+from .measures.base import Measure
+from .measures.collection import named_measures
 
 __all__ = [
     "RankFailedError",
+    "collect_across_ranks",
     "RankMismatchError",
     "active",
     "check_same",
@@ -269,3 +274,70 @@ def gather(obj: Any, map_location: str | torch.device = "cpu",
         else:
             acc = item if src == 0 else fold(acc, item)
     return (items if fold is None else acc), seconds
+
+
+def collect_across_ranks(run_part: Callable, run_references: Callable, check_blocks: Callable, model: Any, x: Any,
+                         ts: Any, measures: Any, *, layers, batch_size, device, fill, progress, backend, metadata,
+                         blocks, statistics) -> Any:
+    """:func:`tmlib.measures.collect` on every rank of the process group (the module docstring
+    says how). The engine passes its own single-process pieces: ``run_part`` (its ``_collect``,
+    for this rank's samples), ``run_references`` (``collect_references``) and ``check_blocks``."""
+    rank, size = world()
+    named = named_measures(measures) if (isinstance(measures, Measure) or measures) else {}
+
+    def prepare():
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not hasattr(ts, "apply") or not hasattr(ts, "__len__"):
+            raise TypeError(f"ts must be a transformation set (tmlib.transforms), got {type(ts).__name__}")
+        _, n = image_blocks(x, 1)
+        check_blocks(blocks, n, list(named.values()))
+        if any(s.reference_spec() is not None for s in statistics):
+            raise ValueError("statistics: extra statistics with a reference pass are not measured across ranks")
+        share = rank_share(n, size, rank, blocks)
+        ends = [x[0], x[n - 1]] if isinstance(x, torch.Tensor) else [first_tensor(x[0]), first_tensor(x[n - 1])]
+        fp = fingerprint(model, ts, n, ends, measures=[(k, repr(v)) for k, v in named.items()],
+                         statistics=list(statistics), layers=layers, blocks=blocks, fill=default_fill(x, fill))
+        return n, share, rank_device(device, model, x), fp
+
+    n, (first, stop, bounds), here, fp = run_guarded(prepare, "preparing the pass")
+    check_same(fp)
+    part = x[first:stop] if isinstance(x, torch.Tensor) else subset(x, range(first, stop))
+    meta = dict(metadata or {})
+    if not isinstance(x, torch.Tensor):
+        meta.setdefault("dataset", getattr(x, "name", None))
+    shown = progress if rank == 0 else False
+    fill = default_fill(x, fill)
+    seconds = {"reference": 0.0, "pass": 0.0, "collectives": 0.0}
+    references, reference_images = None, 0
+    if any(mm.spec().reference_spec() is not None for mm in named.values()):
+        clock = time.perf_counter()
+        mine = run_guarded(
+            lambda: run_references(model, part, ts, named, n_total=n, start=first, layers=layers,
+                                       batch_size=batch_size, device=here, progress=shown, backend=backend),
+            "the reference pass")
+        seconds["reference"] = time.perf_counter() - clock
+        reference_images = mine.metadata["images_forwarded"]
+        references, spent = gather(mine, here, fold=lambda a, b: a.merge(b))
+        seconds["collectives"] += spent
+    clock = time.perf_counter()
+    mine = run_guarded(
+        lambda: run_part(model, part, ts, measures, layers, batch_size, here, fill, shown, backend, meta, blocks,
+                         statistics, references, first, n_total=n, bounds=bounds, blocked=bool(blocks)),
+        "the pass")
+    seconds["pass"] = time.perf_counter() - clock
+    images = mine.metadata["images_forwarded"] + reference_images
+    merged, spent = gather(mine, "cpu", fold=lambda a, b: a.merge(b))
+    seconds["collectives"] += spent
+    ranks: list[Any] = [None] * size
+    dist.all_gather_object(ranks, (stop - first, str(here), images, seconds))
+    for key in ("start", "shared_reference_pass", "merged_passes"):
+        merged.metadata.pop(key, None)
+    merged.metadata.update(
+        n=n, device=ranks[0][1], images_forwarded=sum(r[2] for r in ranks),
+        distributed={"world_size": size, "backend": str(dist.get_backend()),
+                     "rank_samples": [r[0] for r in ranks], "rank_devices": [r[1] for r in ranks],
+                     "rank_images_forwarded": [r[2] for r in ranks],
+                     "rank_seconds": [{k: round(v, 4) for k, v in r[3].items()} for r in ranks]},
+    )
+    return merged

@@ -12,7 +12,6 @@ mergeable, savable); :func:`evaluate` computes the results from them.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as _distributed
 from .activations import LayerObserver
-from .adapters import default_fill, first_tensor, image_blocks, subset
+from .adapters import default_fill, image_blocks
 from .checks import check_int
 from .devices import placed, resolve_device
 from .measures.base import LayerInfo, Measure, PassContext, StatSpec
@@ -186,9 +185,10 @@ def collect(
         if references is not None or start:
             raise ValueError("references, start: the ranks of a distributed pass share their reference pass "
                              "and split the samples themselves; pass neither")
-        return _collect_distributed(model, x, ts, measures, layers=layers, batch_size=batch_size, device=device,
-                                    fill=fill, progress=progress, backend=backend, metadata=metadata,
-                                    blocks=blocks, statistics=statistics)
+        return _distributed.collect_across_ranks(
+            _collect, collect_references, _check_blocks, model, x, ts, measures, layers=layers,
+            batch_size=batch_size, device=device, fill=fill, progress=progress, backend=backend, metadata=metadata,
+            blocks=blocks, statistics=statistics)
     return _collect(model, x, ts, measures, layers, batch_size, device, fill, progress, backend, metadata, blocks,
                     statistics, references, start)
 
@@ -308,71 +308,6 @@ def _collect(model, x, ts, measures, layers, batch_size, device, fill, progress,
         base_meta.update(blocks=len(bounds) - 1, block_sizes=[b - a for a, b in zip(bounds[:-1], bounds[1:])])
     return PassStates(main.infos, main.states, [b - a for a, b in zip(bounds[:-1], bounds[1:])], base_meta,
                       blocked=blocked)
-
-
-def _collect_distributed(model, x, ts, measures, *, layers, batch_size, device, fill, progress, backend, metadata,
-                         blocks, statistics) -> PassStates:
-    """:func:`collect` on every rank of the process group (see :mod:`tmlib.distributed`)."""
-    rank, size = _distributed.world()
-    named = named_measures(measures) if (isinstance(measures, Measure) or measures) else {}
-
-    def prepare():
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not hasattr(ts, "apply") or not hasattr(ts, "__len__"):
-            raise TypeError(f"ts must be a transformation set (tmlib.transforms), got {type(ts).__name__}")
-        _, n = image_blocks(x, 1)
-        _check_blocks(blocks, n, list(named.values()))
-        if any(s.reference_spec() is not None for s in statistics):
-            raise ValueError("statistics: extra statistics with a reference pass are not measured across ranks")
-        share = _distributed.rank_share(n, size, rank, blocks)
-        ends = [x[0], x[n - 1]] if isinstance(x, torch.Tensor) else [first_tensor(x[0]), first_tensor(x[n - 1])]
-        fp = _distributed.fingerprint(model, ts, n, ends, measures=[(k, repr(v)) for k, v in named.items()],
-                                      statistics=list(statistics), layers=layers, blocks=blocks,
-                                      fill=default_fill(x, fill))
-        return n, share, _distributed.rank_device(device, model, x), fp
-
-    n, (first, stop, bounds), here, fp = _distributed.run_guarded(prepare, "preparing the pass")
-    _distributed.check_same(fp)
-    part = x[first:stop] if isinstance(x, torch.Tensor) else subset(x, range(first, stop))
-    meta = dict(metadata or {})
-    if not isinstance(x, torch.Tensor):
-        meta.setdefault("dataset", getattr(x, "name", None))
-    shown = progress if rank == 0 else False
-    fill = default_fill(x, fill)
-    seconds = {"reference": 0.0, "pass": 0.0, "collectives": 0.0}
-    references, reference_images = None, 0
-    if any(mm.spec().reference_spec() is not None for mm in named.values()):
-        clock = time.perf_counter()
-        mine = _distributed.run_guarded(
-            lambda: collect_references(model, part, ts, named, n_total=n, start=first, layers=layers,
-                                       batch_size=batch_size, device=here, progress=shown, backend=backend),
-            "the reference pass")
-        seconds["reference"] = time.perf_counter() - clock
-        reference_images = mine.metadata["images_forwarded"]
-        references, spent = _distributed.gather(mine, here, fold=lambda a, b: a.merge(b))
-        seconds["collectives"] += spent
-    clock = time.perf_counter()
-    mine = _distributed.run_guarded(
-        lambda: _collect(model, part, ts, measures, layers, batch_size, here, fill, shown, backend, meta, blocks,
-                         statistics, references, first, n_total=n, bounds=bounds, blocked=bool(blocks)),
-        "the pass")
-    seconds["pass"] = time.perf_counter() - clock
-    images = mine.metadata["images_forwarded"] + reference_images
-    merged, spent = _distributed.gather(mine, "cpu", fold=lambda a, b: a.merge(b))
-    seconds["collectives"] += spent
-    ranks: list[Any] = [None] * size
-    torch.distributed.all_gather_object(ranks, (stop - first, str(here), images, seconds))
-    for key in ("start", "shared_reference_pass", "merged_passes"):
-        merged.metadata.pop(key, None)
-    merged.metadata.update(
-        n=n, device=ranks[0][1], images_forwarded=sum(r[2] for r in ranks),
-        distributed={"world_size": size, "backend": str(torch.distributed.get_backend()),
-                     "rank_samples": [r[0] for r in ranks], "rank_devices": [r[1] for r in ranks],
-                     "rank_images_forwarded": [r[2] for r in ranks],
-                     "rank_seconds": [{k: round(v, 4) for k, v in r[3].items()} for r in ranks]},
-    )
-    return merged
 
 
 def collect_references(
