@@ -54,13 +54,15 @@ def families(world: int) -> dict:
 class RaisesOnRank(torch.nn.Module):
     """A model whose forward raises on one rank at its second batch."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, dies: bool = False):
         super().__init__()
-        self.inner, self.rank, self.calls = harness.small_cnn(), rank, 0
+        self.inner, self.rank, self.calls, self.dies = harness.small_cnn(), rank, 0, dies
 
     def forward(self, x):
         self.calls += 1
         if self.rank == 1 and self.calls == 2:
+            if self.dies:
+                os._exit(3)  # no exception, no goodbye: the process is gone
             raise ValueError("this rank's model failed on purpose")
         return self.inner(x)
 
@@ -72,8 +74,8 @@ def failure(scenario: str, rank: int) -> dict:
             model[0].weight[0, 0, 0, 0] += 1e-3
     if scenario == "matrices" and rank == 1:
         ts = T.rotations(5, degrees=350)
-    if scenario == "raises":
-        model = RaisesOnRank(rank)
+    if scenario in ("raises", "dies"):
+        model = RaisesOnRank(rank, dies=scenario == "dies")
     if scenario == "too-few":
         x = x[:2]
     try:

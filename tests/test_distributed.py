@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import harness
@@ -32,8 +33,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, world: int, out: Path, timeout_s: float = 60) -> list[dict]:
-    """Start ``world`` ranks of the worker; wait (bounded); every rank's payload in rank order."""
+def launch(scenario: str, world: int, out: Path, timeout_s: float = 60, codes: dict | None = None) -> list:
+    """Start ``world`` ranks of the worker; wait (bounded); every rank's payload in rank order
+    (None for a rank expected to exit with a code of ``codes`` {rank: code} instead)."""
+    codes = codes or {}
     port = free_port()
     procs = []
     for rank in range(world):
@@ -50,8 +53,8 @@ def launch(scenario: str, world: int, out: Path, timeout_s: float = 60) -> list[
                 p.kill()
                 p.wait()
     for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{log[-3000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+        assert p.returncode == codes.get(rank, 0), f"rank {rank} exited with {p.returncode}:\n{log[-3000:]}"
+    return [None if r in codes else torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
@@ -162,6 +165,15 @@ def test_a_rank_that_raises_mid_pass_stops_every_rank(tmp_path):
     assert own == {"error": "ValueError", "message": "this rank's model failed on purpose"}
     assert other["error"] == "RankFailedError"
     assert "the pass failed on 1 of 2 ranks — rank 1: ValueError: this rank's model failed on purpose" in other["message"]
+
+
+def test_a_rank_that_dies_mid_pass_stops_the_others_without_waiting_for_the_timeout(tmp_path):
+    start = time.perf_counter()
+    survivor, dead = launch("dies", 2, tmp_path, timeout_s=120, codes={1: 3})
+    assert dead is None
+    assert survivor["error"] == "RankFailedError"
+    assert "a rank stopped without reporting during the pass" in survivor["message"]
+    assert time.perf_counter() - start < 120  # the broken connection is noticed, not the timeout
 
 
 def test_distributed_arguments_are_checked_in_one_process(monkeypatch):

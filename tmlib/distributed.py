@@ -215,7 +215,12 @@ def run_guarded(step: Callable[[], T], what: str) -> T:
     except Exception as caught:  # noqa: BLE001 - reported to every rank, then re-raised
         error = caught
     outcomes: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(outcomes, None if error is None else f"{type(error).__name__}: {error}")
+    try:
+        dist.all_gather_object(outcomes, None if error is None else f"{type(error).__name__}: {error}")
+    except RuntimeError as broken:  # a rank died (connection reset) or the group's timeout expired
+        raise RankFailedError(
+            f"distributed: a rank stopped without reporting during {what} (it died, or did not answer "
+            f"within the process group's timeout): {broken}") from error or broken
     failed = {r: o for r, o in enumerate(outcomes) if o is not None}
     if not failed:
         return out
