@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def measure(args: argparse.Namespace) -> dict:
     means = {name: r.layer_means().to_dict() for name, r in results.items()}
     meta = results["NV"].metadata
     out = {"seconds": seconds, "means": means, "images": meta["images_forwarded"],
-           "ranks": meta.get("distributed")}
+           "ranks": meta.get("distributed"), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if distributed:
         torch.distributed.destroy_process_group()
     return out
@@ -98,8 +99,10 @@ def main() -> None:
     ranks = many["ranks"]
     print(f"SimpleConv, {args.n} MNIST test images × {args.m} rotations, TV + SV + NV (element) + NV (channel), "
           f"{args.device}")
-    print(f"  1 process × 1 thread : {one['seconds']:7.2f} s   ({one['images']} images forwarded)")
-    print(f"  {args.world} processes × 1 thread: {many['seconds']:7.2f} s   ({many['images']} images forwarded in total)")
+    print(f"  1 process × 1 thread : {one['seconds']:7.2f} s   ({one['images']} images forwarded; "
+          f"peak RSS {one['peak_rss_mb']:.0f} MB)")
+    print(f"  {args.world} processes × 1 thread: {many['seconds']:7.2f} s   ({many['images']} images forwarded in total; "
+          f"rank 0 peak RSS {many['peak_rss_mb']:.0f} MB)")
     print(f"  speed-up             : {one['seconds'] / many['seconds']:.2f}×")
     for r, (samples, secs) in enumerate(zip(ranks["rank_samples"], ranks["rank_seconds"])):
         print(f"    rank {r}: {samples} samples, pass {secs['pass']:.2f} s, collectives {secs['collectives']:.3f} s")
