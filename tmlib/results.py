@@ -1,4 +1,8 @@
-"""MeasureResult: per-layer arrays of one measure, with layer means, uncertainty, a tidy frame and save/load."""
+"""MeasureResult: per-layer arrays of one measure, with layer means, uncertainty, a tidy frame and save/load.
+
+One result per ``.npz`` (:meth:`MeasureResult.save`), or several in one (:func:`save_results`,
+:func:`load_results`); :meth:`MeasureResult.load` reads both kinds.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,11 @@ import pandas as pd
 from . import stats
 from .files import atomic_write
 
-__all__ = ["MeasureResult", "NotAResultFileError", "atomic_write", "finite_mean"]
+__all__ = ["MeasureResult", "NotAResultFileError", "atomic_write", "finite_mean", "load_results", "save_results"]
 
 _META_COLUMNS = ("measure", "model", "dataset", "transformation")
 _FORMAT = 2  # 1: values + metadata; 2: + layer metadata, jackknife replicates, per-class results
+_RESULTS_FORMAT = 3  # several results in one file: {"format": 3, "results": [{"name": ..., **header}, ...]}
 
 
 class NotAResultFileError(ValueError):
@@ -186,26 +191,73 @@ class MeasureResult(Mapping):
         per-class results included), atomically (fsync'ed, mode 0644)."""
         arrays, header = self._payload("")
         header["format"] = _FORMAT
-        text = json.dumps(header, default=str)
-
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, __header__=np.array(text), **arrays)
-
-        return atomic_write(path, write)
+        return _write_npz(path, header, arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> MeasureResult:
-        """Read a file written by :meth:`save`; :class:`NotAResultFileError` (a ValueError) for
-        anything else, e.g. a damaged or foreign file."""
+    def load(cls, path: str | os.PathLike, measure: str | None = None) -> MeasureResult:
+        """Read a file written by :meth:`save`, or one result of a file written by
+        :func:`save_results`: the only one, or the one named ``measure`` (a ValueError listing the
+        names when ``measure`` is None and the file holds several, or when no result has that name).
+        :class:`NotAResultFileError` (a ValueError) for anything else, e.g. a damaged or foreign file."""
+        results = cls._load_all(path)
+        names = ", ".join(map(repr, results))
+        if measure is None:
+            if len(results) == 1:
+                return next(iter(results.values()))
+            raise ValueError(f"{path} holds {len(results)} results ({names}): pass measure= one of them")
+        if measure not in results:
+            raise ValueError(f"{path} holds no result {measure!r}; its results: {names}")
+        return results[measure]
+
+    @classmethod
+    def _load_all(cls, path: str | os.PathLike) -> dict[str, MeasureResult]:
         try:
             with np.load(path, allow_pickle=False) as data:
                 header = json.loads(str(data["__header__"]))
-                return cls._from_payload(data, header, "")
+                if "results" not in header:  # one result (MeasureResult.save)
+                    result = cls._from_payload(data, header, "")
+                    return {result.measure: result}
+                return {entry["name"]: cls._from_payload(data, entry, f"result{i}_")
+                        for i, entry in enumerate(header["results"])}
         except FileNotFoundError:
             raise
         except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError, TypeError) as error:
             raise NotAResultFileError(
-                f"{path} is not a tmlib MeasureResult file (written by MeasureResult.save), or it is damaged: "
-                f"{type(error).__name__}"
+                f"{path} is not a tmlib MeasureResult file (written by MeasureResult.save or save_results), "
+                f"or it is damaged: {type(error).__name__}"
             ) from None
+
+
+def _write_npz(path: str | os.PathLike, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Path:
+    """The arrays and the JSON header in one ``.npz``, atomically (fsync'ed, mode 0644)."""
+    text = json.dumps(header, default=str)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, __header__=np.array(text), **arrays)
+
+    return atomic_write(path, write)
+
+
+def save_results(results: Mapping[str, MeasureResult], path: str | os.PathLike) -> Path:
+    """Write every result of ``{name: MeasureResult}`` (``evaluate``'s dict) into one ``.npz``,
+    atomically (fsync'ed, mode 0644); each keeps its metadata, layer metadata, replicates and
+    per-class results. Read it back with :func:`load_results`, or one result with
+    :meth:`MeasureResult.load` ``(path, measure=name)``."""
+    if not results:
+        raise ValueError("results: nothing to save (an empty dict)")
+    arrays: dict[str, np.ndarray] = {}
+    entries = []
+    for i, (name, result) in enumerate(results.items()):
+        if not isinstance(result, MeasureResult):
+            raise TypeError(f"results[{name!r}] must be a MeasureResult, got {type(result).__name__}")
+        sub_arrays, header = result._payload(f"result{i}_")
+        arrays.update(sub_arrays)
+        entries.append({"name": str(name), **header})
+    return _write_npz(path, {"format": _RESULTS_FORMAT, "results": entries}, arrays)
+
+
+def load_results(path: str | os.PathLike) -> dict[str, MeasureResult]:
+    """``{name: MeasureResult}`` from a file written by :func:`save_results`, in the order saved; a
+    file written by :meth:`MeasureResult.save` gives ``{result.measure: result}``."""
+    return MeasureResult._load_all(path)
