@@ -253,23 +253,39 @@ def test_the_process_group_and_the_distributed_keyword(monkeypatch):
         assert run == cli.Run()
     for variable, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         monkeypatch.setenv(variable, value)
-    monkeypatch.setenv("MASTER_PORT", _free_port())
-    with cli.process_group(True, device="cpu") as run:  # today's evaluate has no distributed=
-        assert torch.distributed.is_initialized() and run.rank == 0 and run.world_size == 1
-        assert run.evaluate_kwargs == ({"distributed": True} if "distributed" in
-                                       cli.inspect.signature(evaluate).parameters else {})
-    assert not torch.distributed.is_initialized()
-
-    def evaluate_with_distributed(model, x, ts, measures, distributed=None, **kwargs):
-        return {}
-
-    monkeypatch.setattr(cli.M, "evaluate", evaluate_with_distributed)
     with cli.process_group(None, device="cpu") as run:  # None: WORLD_SIZE = 1 is one process
         assert run.evaluate_kwargs == {} and not torch.distributed.is_initialized()
     monkeypatch.setenv("MASTER_PORT", _free_port())
     with cli.process_group(True, device="cpu") as run:
+        assert torch.distributed.is_initialized() and run.rank == 0 and run.world_size == 1
         assert run.evaluate_kwargs == {"distributed": True}
     assert not torch.distributed.is_initialized()
+
+
+def test_torchrun_with_two_processes_equals_one_process(root, tmp_path):
+    """The issue's command under ``torchrun --standalone --nproc_per_node=2`` (gloo): rank 0 writes
+    the results of all samples, equal to one process's; every rank's forwards are counted."""
+    out = tmp_path / "two" / "r.npz"
+    argv = [a.replace("--n", "--n-samples") if a == "--n" else a.replace("--m", "--n-transformations") if a == "--m"
+            else a for a in _argv(root, out, "--mode", "channel", "--blocks", "2")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "tmlib", *argv], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.count(f"wrote {out}") == 1  # rank 0 only
+    got = MeasureResult.load(out, measure="NV")
+    x = data.load("mnist", "test", n=6, root=root, download=False)
+    want = evaluate(_simple_conv(), x, transforms.rotations(4), {"NV": NormalizedVariance(mode="channel")},
+                    progress=False, blocks=2)["NV"]
+    assert got.layer_names == want.layer_names
+    for layer in want:
+        np.testing.assert_allclose(got[layer], want[layer], rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(got.replicates.to_numpy(), want.replicates.to_numpy(), rtol=1e-9, atol=1e-13)
+    assert got.metadata["images_forwarded"] == 6 * 4
+    assert got.metadata["distributed"]["world_size"] == 2
+    assert got.metadata["distributed"]["rank_samples"] == [3, 3]
 
 
 def test_python_m_tmlib_measure_end_to_end(root, tmp_path):

@@ -27,6 +27,7 @@ from torch import nn
 from . import data, models, transforms
 from . import measures as M
 from .devices import resolve_device
+from .distributed import init_from_environment, rank_device
 from .experiments.zoo import ModelSpec, build_model
 from .files import atomic_write
 from .results import MeasureResult, save_results
@@ -286,8 +287,7 @@ class Run:
 @contextlib.contextmanager
 def process_group(distributed: bool | None, device: str | None = None) -> Iterator[Run]:
     """One process, or (``distributed``; None: under torchrun) a process group from torchrun's environment,
-    destroyed on exit; ``evaluate`` gets ``distributed=True`` where it has that keyword (else every process
-    measures all samples). With CUDA each process uses the GPU ``LOCAL_RANK`` unless ``device`` names one."""
+    destroyed on exit, and ``evaluate`` gets ``distributed=True``. With CUDA each process uses the GPU ``LOCAL_RANK`` unless ``device`` names one."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if not (distributed or (distributed is None and world_size > 1)):
         yield Run(rank=int(os.environ.get("RANK", "0")), device=device)
@@ -298,16 +298,11 @@ def process_group(distributed: bool | None, device: str | None = None) -> Iterat
         if missing:
             raise CLIError(f"--distributed: {', '.join(missing)} not set; launch with "
                            "`torchrun --nproc_per_node=N -m tmlib measure ...`")
-        if device in (None, "cuda") and torch.cuda.is_available():  # one GPU per process
-            device = str(resolve_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}", argument="LOCAL_RANK"))
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        init_from_environment()  # NCCL on cuda:LOCAL_RANK where CUDA is present, else gloo
     try:
-        kwargs = {"distributed": True} if "distributed" in inspect.signature(M.evaluate).parameters else {}
-        if not kwargs and dist.get_rank() == 0:
-            print("tmlib measure: note: this tmlib's evaluate has no distributed=; every process measures "
-                  "all samples", file=sys.stderr)
-        yield Run(dist.get_rank(), dist.get_world_size(), device, kwargs)
+        if device in (None, "cuda") and torch.cuda.is_available():  # one GPU per process
+            device = str(rank_device(device))
+        yield Run(dist.get_rank(), dist.get_world_size(), device, {"distributed": True})
     finally:
         if owned:
             dist.destroy_process_group()
