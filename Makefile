@@ -37,6 +37,7 @@ bench: env data
 	$(PYTHON) benchmarks/bench_measures.py
 	$(PYTHON) benchmarks/bench_geed.py
 	$(PYTHON) benchmarks/bench_jackknife.py
+	$(PYTHON) benchmarks/bench_distributed.py
 
 lint: env
 	$(VENV)/bin/ruff check tmlib tests benchmarks
