@@ -16,6 +16,10 @@ made. When ``torch.distributed`` is initialised (or ``distributed=True`` is pass
    states are exact and mergeable (:mod:`tmlib.measures.states`), so every rank computes the same
    results, equal to those of one process over all n samples to float64 rounding.
 
+A gloo group serves models on CUDA too (the states travel as CPU bytes), so a CPU process group
+with CUDA tensors is not an error; an NCCL group needs a GPU per rank, which :func:`rank_device`
+picks.
+
 Why gather and merge rather than all-reduce: the merge is the one already tested against a
 single pass for every family (Chan's shift change for moments, Goodfellow's certified top-K,
 chunk lists in sample order), every rank runs the same merge on the same bytes and so returns
@@ -200,7 +204,7 @@ def check_same(mine: dict[str, str]) -> None:
         raise RankMismatchError(
             "distributed: the ranks do not measure the same thing — " + "; ".join(problems)
             + ". Every rank must build the same model (same checkpoint or seed), transformation set, "
-            "data and measures"
+            "data and measures (or pass distributed=False to measure in each process alone)"
         )
 
 
