@@ -185,3 +185,13 @@ def test_distributed_arguments_are_checked_in_one_process(monkeypatch):
         evaluate(harness.small_cnn(), harness.samples(), T.rotations(5), NormalizedVariance(), distributed=True)
     with pytest.raises(ValueError, match="blocks=2: with 3 ranks every rank needs at least one jackknife block"):
         tdist.rank_share(10, 3, 0, blocks=2)
+
+
+def test_a_local_rank_beyond_the_gpus_present_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=1 but this machine has 1 CUDA device\(s\)"):
+        tdist.rank_device(None)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert tdist.rank_device("cpu") == torch.device("cpu")  # an explicit CPU stays the CPU
