@@ -149,7 +149,7 @@ def rank_device(device: Any, model: torch.nn.Module | None = None, x: Any = None
     present), else :func:`tmlib.devices.resolve_device` (the model's device for None)."""
     wants_cuda = device is None or str(device) == "cuda"
     if wants_cuda and torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count()))
+        local = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else dist.get_rank() % torch.cuda.device_count()
         if local >= torch.cuda.device_count():
             raise ValueError(f"device: LOCAL_RANK={local} but this machine has {torch.cuda.device_count()} CUDA "
                              "device(s); start at most one process per GPU (torchrun --nproc_per_node) or pass "
