@@ -69,7 +69,9 @@ def test_stopping_the_training_pool_terminates_its_workers():
     from concurrent.futures import ProcessPoolExecutor
 
     pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
-    futures = [pool.submit(_sleep, 60) for _ in range(4)]
+    # 2 in the workers + 3 in the executor's call queue (max_workers + 1) can be "running"; with 8,
+    # at least 3 are still pending whatever the timing (with 4, a loaded machine left none pending).
+    futures = [pool.submit(_sleep, 60) for _ in range(8)]
     while not any(f.running() for f in futures):
         time.sleep(0.05)
     processes = list(pool._processes.values())
