@@ -3,14 +3,53 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..files import atomic_write
-from .data import ExplorerData
-from .figures import explorer_figure, figure_png
+import numpy as np
+import pandas as pd
 
-__all__ = ["export_html"]
+from ..files import atomic_write
+from .data import ExplorerData, channel_order
+from .figures import curve_frame, explorer_figure, figure_png
+
+__all__ = ["channel_frame", "export_html", "save_view", "view_stem"]
+
+
+def view_stem(*parts: object) -> str:
+    """A file name stem from the view's parts ("explorer", checkpoint, …): lower case, runs of
+    anything but letters, digits, dots and dashes as one "_"."""
+    return "_".join(re.sub(r"[^a-z0-9.\-]+", "_", str(part).lower()).strip("_") for part in parts)
+
+
+def channel_frame(data: ExplorerData, measure: str, layer: str, unit: int | None = None) -> pd.DataFrame:
+    """Panel 2's values: one row per channel in the order drawn (rank 1 = lowest), its value and
+    whether it is the selected one."""
+    values, order = data.values(measure, layer), channel_order(data, measure, layer)
+    channels = order if data.per_channel(measure, layer) else np.array([-1])
+    return pd.DataFrame({"layer": layer, "measure": measure, "rank": np.arange(1, len(order) + 1),
+                         "channel": channels, "value": values[order], "selected": channels == unit})
+
+
+def save_view(folder: str | Path, stem: str, data: ExplorerData, measure: str, layer: str, unit: int,
+              others: Mapping[str, ExplorerData] | None = None, label: str = "selected",
+              what: Sequence[str] = ("png", "csv")) -> list[Path]:
+    """Write the view (:func:`explorer_figure`) as ``stem.png`` and its values as
+    ``stem_layers.csv`` (panel 1: every curve's layer means) and ``stem_channels.csv`` (panel 2)
+    into ``folder``, each atomically with mode 0644; → the paths written."""
+    folder, written = Path(folder), []
+    if "png" in what:
+        png = figure_png(explorer_figure(data, measure, layer, unit, others=others, label=label), dpi=100)
+        written.append(atomic_write(folder / f"{stem}.png", lambda tmp: Path(tmp).write_bytes(png)))
+    if "csv" in what:
+        curves = curve_frame(data, measure, others, label).assign(measure=measure)
+        channels = channel_frame(data, measure, layer, unit).assign(checkpoint=label)
+        for name, frame in [("layers", curves), ("channels", channels)]:
+            text = frame.to_csv(index=False)
+            written.append(atomic_write(folder / f"{stem}_{name}.csv",
+                                        lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8")))
+    return written
 
 
 def export_html(data: ExplorerData, path: str | Path, measure: str = "NV", layers: Sequence[str] | None = None,
