@@ -177,3 +177,21 @@ def test_seed_mean_combines_seed_spread_and_jackknife():
     assert flat.value == 2.0 and flat.se == pytest.approx(1.0 / np.sqrt(3)) and flat.dof == pytest.approx(2.0)
     with pytest.raises(ValueError, match="scalar"):
         seed_mean([Jack(pd.Series([1.0]), pd.DataFrame([[1.0], [1.0]]))])
+
+
+def test_tables_for_reading_hide_the_index_round_and_stop_at_a_screen():
+    from tmlib.experiments import format_number, table
+
+    assert [format_number(v) for v in (64.0, float("nan"), 6.772360e-15, 0.80623, 12345.6, 3, True, "x")] == \
+        ["64", "–", "6.77e-15", "0.806", "12346", "3", "True", "x"]
+    frame = pd.DataFrame({"layer_name": [f"l{i}" for i in range(45)], "width": [64.0] * 44 + [float("nan")],
+                          "value": np.linspace(0, 1, 45)})
+    styler = table(frame, rows=20, csv="figures/x.csv")
+    html = styler.to_html()
+    assert list(styler.data.columns) == ["layer name", "width", "value"] and len(styler.data) == 20
+    assert "first 20 of 45 rows; all of them in figures/x.csv" in html
+    assert ">64<" in html and ">64.0<" not in html and "l20" not in html
+    pivot = frame.head(3).set_index("layer_name")  # a named index becomes the first column
+    assert list(table(pivot).data.columns) == ["layer name", "width", "value"]
+    with pytest.raises(TypeError, match="frame must be a pandas DataFrame or Series"):
+        table([1, 2])

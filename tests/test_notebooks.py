@@ -70,7 +70,7 @@ FIGURES = {
     "08_same_equivariance": ["08_same_equivariance.png", "08_same_equivariance.csv",
                              "08_difference_from_untrained.png", "08_difference_from_untrained.csv"],
     "10_liegg": ["10_liegg.png", "10_liegg.csv", "10_liegg_generator.png"],
-    "11_lie_derivative": ["11_lie_derivative.png", "11_lie_derivative.csv"],
+    "11_lie_derivative": ["11_lie_derivative.png", "11_lie_derivative_absolute.png", "11_lie_derivative.csv"],
     "12_explorer": ["12_explorer.png", "12_explorer.html"],
 }
 

@@ -259,6 +259,9 @@ def run(profile: str = "quick", names: list[str] | None = None, results_dir: str
             params["device"] = device
         marker = out_dir / f"{name}.done"
         done = marker.exists() and json.loads(marker.read_text()).get("params") == _params_hash(params)
+        # Progress bars belong to JupyterLab: saved by papermill they are widgets without their state, whose
+        # text fallback reads "0%| | 0/141" to the reader of the executed notebook. Not part of the hash.
+        params.setdefault("progress", False)
         start = time.perf_counter()
         summary = _summary_path(name, results_dir, profile)
         if done and not force:
@@ -286,7 +289,8 @@ def run(profile: str = "quick", names: list[str] | None = None, results_dir: str
                 status = f"FAILED: {type(error).__name__}: {_last_line(error)}"
             seconds = time.perf_counter() - start
             if status == "ok":
-                info = json.dumps({"params": _params_hash(params), "seconds": seconds})
+                info = json.dumps({"params": _params_hash({k: v for k, v in params.items() if k != "progress"}),
+                                   "seconds": seconds})
                 atomic_write(marker, lambda tmp, text=info: Path(tmp).write_text(text))
             print(f"  {status} in {seconds:.0f} s", flush=True)
         ok = status in ("ok", "reused")

@@ -36,6 +36,7 @@ from .profiles import (
     settings,
 )
 from .records import FloorError, check_floors, model_rows, models_markdown, provenance, record_models, save_csv
+from .tables import format_number, table
 from .zoo import (
     ModelSpec,
     build_model,
@@ -98,6 +99,8 @@ __all__ = [
     "snapshot_models",
     "spec_dict",
     "spread_ratio",
+    "table",
+    "format_number",
     "test_accuracy",
     "tidy",
     "trained_model",

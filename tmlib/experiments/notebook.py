@@ -9,7 +9,6 @@ figures into ``figures/``, collects the claims, and reports the key number for t
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -66,13 +65,14 @@ class Notebook:
         return design.measure(trained, self.data_root, self.progress, keys)
 
     # ------------------------------------------------------------------ outputs
-    def save_csv(self, frame: pd.DataFrame, filename: str) -> Path:
-        return save_csv(frame, self.figures / filename, self.profile)
+    # No return value: a cell that ends with a save shows the figure or table, not "PosixPath(…)".
+    def save_csv(self, frame: pd.DataFrame, filename: str) -> None:
+        save_csv(frame, self.figures / filename, self.profile)
 
-    def save_figure(self, fig: Any, filename: str) -> Path:
+    def save_figure(self, fig: Any, filename: str) -> None:
         from ..plots import save_figure
 
-        return save_figure(fig, self.figures / filename)
+        save_figure(fig, self.figures / filename)
 
     def finish(self, key: str, value: Any) -> pd.DataFrame:
         """Report the key number (summary table), record and assert the claims; returns the claims."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,14 @@ def layer_function(model: Any, layers: list[str]) -> Callable[[torch.Tensor], tu
 
 def jvp_many(fn: Callable, x: torch.Tensor, vs: torch.Tensor, vectorize: bool = True):
     """Primal outputs of fn(x) and their JVPs along each tangent vs[i]: (tuple, tuple of [k, ...])."""
+    with warnings.catch_warnings():
+        # torch's forward-AD decompositions call the deprecated torch.jit.script on their first use
+        # (torch 2.14): a FutureWarning about torch itself that no caller can act on.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        return _jvp_many(fn, x, vs, vectorize)
+
+
+def _jvp_many(fn: Callable, x: torch.Tensor, vs: torch.Tensor, vectorize: bool):
     if vectorize and len(vs) > 1:
         try:
             def push(v):
