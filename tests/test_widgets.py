@@ -5,6 +5,7 @@ import re
 
 import harness
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import CountingModel
@@ -190,7 +191,8 @@ def test_export_html_is_offline_and_inlines_every_layer(explored, tmp_path):
     *_, data = explored
     path = widgets.export_html(data, tmp_path / "report" / "explorer.html", layers=["inner.0", "inner.6"])
     html = path.read_text()
-    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', html)) == 2
+    # The overview of every measure, one section per layer, the inputs once.
+    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', html)) == 1 + 2 + 1
     assert "Layer <code>inner.6</code>" in html
     # Nothing to fetch: no script, stylesheet, image or import from the network.
     assert not re.findall(r'(?:src|href)="(?:https?:)?//', html)
@@ -340,8 +342,6 @@ def test_export_buttons_write_the_view_and_its_values(two_checkpoints, tmp_path)
     paths = explorer.export(("csv",))
     assert [p.name for p in paths] == [png.stem + "_layers.csv", png.stem + "_channels.csv"]
     assert all((p.stat().st_mode & 0o777) == 0o644 for p in paths) and all(str(p) in explorer.saved.value for p in paths)
-    import pandas as pd
-
     curves, channels = (pd.read_csv(p) for p in paths)
     # The CSV rows are the values drawn: the curve's lines and the channel panel's bars.
     (ax,) = widgets.plot_layer_curve(explorer.data, "NV", "inner.3", others=explorer.others, label="trained").axes
@@ -361,3 +361,33 @@ def test_saved_notebook_text_says_the_widget_needs_a_kernel(setup):
     bundle = explorer._repr_mimebundle_()
     assert "needs a running kernel" in bundle["text/plain"] and "VBox" not in bundle["text/plain"]
     assert "application/vnd.jupyter.widget-view+json" in bundle
+
+
+def test_export_html_covers_every_checkpoint_and_measure_and_skips_repeated_layers(two_checkpoints, tmp_path):
+    models, x, ts = two_checkpoints
+    explorer = widgets.Explorer(models, {"random": x}, {"rot": ts}, n_samples=N, max_st_samples=ST,
+                                checkpoint="trained", compare="third")
+    data = explorer.data
+    for name in data.measures_for("inner.4"):  # inner.4 repeats inner.3 in every measure
+        data.results[name].values["inner.4"] = np.copy(data.results[name].values["inner.3"])
+    assert widgets.same_as_previous(data, data.measures, data.layers) == {"inner.4": "inner.3"}
+    path = widgets.export_html(data, tmp_path / "r.html", others=explorer.others, label="trained")
+    html = path.read_text()
+    sections = re.findall(r"<h2[^>]*>Layer <code>([^<]+)</code>", html)
+    assert sections == [k for k in data.layers if k != "inner.4"]
+    assert "the same values as inner.4" in html and "also inner.4: same values" in html
+    # A table of contents whose links all land on an anchor of the page.
+    links = re.findall(r'<a href="#([^"]+)"', html)
+    assert {"overview", "means"} | {f"layer-inner-{i}" for i in (0, 3, 6)} <= set(links)
+    assert all(f'id="{link}"' in html for link in links)
+    # The layer means of every measure and checkpoint, as a table.
+    part = html[html.index('id="means"'):]
+    part = part[part.index("<table"):part.index("</table>")]
+    head, body = part.split("<tbody>")
+    columns = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<th>(.*?)</th>", head, re.S)]
+    assert len(columns) == 1 + 3 * len(data.measures)
+    rows = [re.findall(r"<t[hd]>(.*?)</t[hd]>", row, re.S) for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+    assert [row[0] for row in rows] == data.layers
+    column = [float(row[columns.index("NV · untrained")]) for row in rows]
+    np.testing.assert_allclose(column, explorer.others["untrained"].results["NV"].layer_means().to_numpy(), rtol=1e-2)
+    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', html)) == 1 + 6 + 1

@@ -14,7 +14,7 @@ Split along its seams, each part usable on its own:
 
 from .data import MEASURES, ExplorerCache, ExplorerData, channel_order, compute
 from .explorer import Explorer
-from .export import channel_frame, export_html, save_view
+from .export import channel_frame, export_html, same_as_previous, save_view
 from .figures import (
     FIXED_RANGES,
     curve_frame,
@@ -48,6 +48,7 @@ __all__ = [
     "plot_inputs",
     "plot_layer_curve",
     "plot_st_matrix",
+    "same_as_previous",
     "save_view",
     "y_range",
 ]

@@ -125,7 +125,7 @@ class Explorer:
         self._quiet = False  # set while the explorer itself moves selectors: one redraw, not several
 
         full = w.Layout(width="100%")
-        style = {"description_width": "92px"}
+        style = {"description_width": "104px"}
         self.checkpoint = w.Dropdown(options=list(self.models), value=checkpoint or next(iter(self.models)),
                                      description="checkpoint", style=style, layout=full)
         self.compare = w.Dropdown(options=[NONE, *self.models], value=compare or NONE, description="compare with",
@@ -160,7 +160,7 @@ class Explorer:
                            self.saved], layout=w.Layout(width="300px", min_width="300px", margin="0 8px 0 0"))
         grid = w.GridBox([self.curve, self.heatmap, self.st, self.maps],
                          layout=w.Layout(grid_template_columns="repeat(2, minmax(0, 1fr))", grid_gap="4px"))
-        panels = w.VBox([grid, self.inputs], layout=w.Layout(flex="1 1 auto", max_width="1120px", min_width="0"))
+        panels = w.VBox([grid, self.inputs], layout=w.Layout(flex="1 1 auto", max_width="1060px", min_width="0"))
         self.widget = w.HBox([controls, panels], layout=w.Layout(width="100%", align_items="flex-start"))
         self.widget.add_class("tmlib-explorer")
 
@@ -350,7 +350,8 @@ class Explorer:
         stem = view_stem("explorer", *self.key(), self.measure.value, self.layer.value, f"ch{self.unit.value}")
         paths = save_view(self.export_dir, stem, self.data, self.measure.value, self.layer.value, self.unit.value,
                           others=self.others, label=self.checkpoint.value, what=what)
-        self.saved.value = "wrote " + ", ".join(f"<code>{path}</code>" for path in paths)
+        self.saved.value = ('<div style="word-break: break-all; line-height: 1.3">wrote '
+                            + ", ".join(f"<code>{path}</code>" for path in paths) + "</div>")
         return paths
 
     def _repr_mimebundle_(self, **kwargs: Any):

@@ -37,8 +37,15 @@ Canvas = Figure | SubFigure
 PANEL = (5.6, 3.0)
 
 
-def _canvas(canvas: Canvas | None, size: tuple[float, float]) -> Canvas:
-    return canvas if canvas is not None else Figure(figsize=size, layout="constrained")
+def _canvas(canvas: Canvas | None, size: tuple[float, float], **margins: float) -> Canvas:
+    """``canvas``, or a new figure of ``size`` with fixed ``margins`` (subplot parameters): a
+    constrained layout would look the same but costs a layout solve per draw, 2–3× the time of a
+    panel's redraw."""
+    if canvas is not None:
+        return canvas
+    fig = Figure(figsize=size)
+    fig.subplots_adjust(**margins)
+    return fig
 
 
 def _direction(measure: str) -> tuple[str, str]:
@@ -85,24 +92,26 @@ def curve_frame(data: ExplorerData, measure: str, others: Mapping[str, ExplorerD
     return frame
 
 
-def plot_layer_curve(data: ExplorerData, measure: str, layer: str, canvas: Canvas | None = None,
+def plot_layer_curve(data: ExplorerData, measure: str, layer: str | None, canvas: Canvas | None = None,
                      others: Mapping[str, ExplorerData] | None = None, label: str = "selected",
                      ylim: tuple[float, float] | None = None) -> Canvas:
     """Panel 1: the measure's layer means over the layers, the selected layer highlighted, with
     the curves of ``others`` (checkpoint label → data: the "compare with" checkpoint, the
     untrained one) on the same axis; the y range is :func:`y_range` of all of them unless given
-    (drawn by :func:`tmlib.plots.layer_curves`; layers the measure skips are left out)."""
+    (drawn by :func:`tmlib.plots.layer_curves`; layers the measure skips are left out; no layer
+    highlighted for ``layer=None``)."""
     data.check(layer=layer, measure=measure)
-    canvas = _canvas(canvas, PANEL)
+    canvas = _canvas(canvas, PANEL, left=0.1, right=0.98, bottom=0.25, top=0.91)
     ax = canvas.subplots()
     frame = curve_frame(data, measure, others, label)
     ylim = ylim or y_range(measure, [data, *(others or {}).values()])
     layer_curves(frame, ax=ax, ylabel=f"{measure} (mean over channels)", ylim=ylim,
                  title=f"(1) {measure} per layer")
-    k = data.layers.index(layer)
-    value = float(data.results[measure].layer_means()[layer])
-    ax.axvline(k, color="tab:red", alpha=0.5, linestyle="--")
-    ax.plot([k], [value], marker="o", markersize=9, color="tab:red", label=f"{layer}: {value:.3f}")
+    if layer is not None:
+        k = data.layers.index(layer)
+        value = float(data.results[measure].layer_means()[layer])
+        ax.axvline(k, color="tab:red", alpha=0.5, linestyle="--")
+        ax.plot([k], [value], marker="o", markersize=9, color="tab:red", label=f"{layer}: {value:.3f}")
     ax.tick_params(axis="x", labelsize=7)
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7)
@@ -113,9 +122,9 @@ def plot_channel_values(data: ExplorerData, measure: str, layer: str, unit: int 
                         canvas: Canvas | None = None, ylim: tuple[float, float] | None = None) -> Canvas:
     """Panel 2: the layer's per-channel values as bars, sorted ascending (most invariant left; tick
     label = channel index, up to 64 channels), on the curve's y range; channel ``unit`` drawn in
-    red and its value written above it."""
+    red and its value written above the bars."""
     values = data.values(measure, layer)
-    canvas = _canvas(canvas, PANEL)
+    canvas = _canvas(canvas, PANEL, left=0.1, right=0.98, bottom=0.2, top=0.91)
     ax = canvas.subplots()
     per_channel = data.per_channel(measure, layer)
     order = channel_order(data, measure, layer)
@@ -128,14 +137,18 @@ def plot_channel_values(data: ExplorerData, measure: str, layer: str, unit: int 
         colors[rank] = "tab:red"
     ax.bar(np.arange(len(order)), np.where(np.isfinite(shown), shown, 0.0), color=colors, width=0.85)
     ax.set_ylim(*(ylim or y_range(measure, [data])))
-    if len(order) <= 64:
-        ax.set_xticks(range(len(order)), [str(c) for c in order] if per_channel else [layer], fontsize=6,
-                      rotation=90 if len(order) > 24 else 0)
-    ax.set_xlabel("channel (sorted by value, lowest left)" if per_channel else "one value per layer")
+    if len(order) <= 32:
+        ax.set_xticks(range(len(order)), [str(c) for c in order] if per_channel else [layer], fontsize=7,
+                      rotation=90 if len(order) > 16 else 0)
+    else:
+        ax.set_xticks([])
+    ax.set_xlabel(("channel (sorted by value, lowest left)" if len(order) <= 32 else f"{len(order)} channels, sorted "
+                   "by value, lowest left") if per_channel else "one value per layer")
     ax.set_ylabel(f"{measure} (channel)")
     if rank is not None:
-        ax.annotate(f"ch {unit}: {values[unit]:.3f}", (rank, shown[rank]), xytext=(0, 4),
-                    textcoords="offset points", ha="center", fontsize=8, color="tab:red")
+        ax.annotate(f"ch {unit}: {values[unit]:.3f}", (rank, shown[rank]), xytext=(0, 6), textcoords="offset points",
+                    ha="left" if rank < len(order) / 2 else "right", fontsize=8, color="tab:red",
+                    bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "tab:red", "alpha": 0.9})
     what = f"of its {len(values)} channels, sorted" if per_channel else "(one value per layer)"
     marked = f"; channel {unit} = {values[unit]:.3f} (rank {rank + 1})" if rank is not None else ""
     ax.set_title(f"(2) {layer}: {measure} {what}{marked}", fontsize=9)
@@ -151,7 +164,7 @@ def plot_st_matrix(data: ExplorerData, layer: str, unit: int, canvas: Canvas | N
     """Panel 3a: the ST matrix of one channel: spatial mean for sample × transformation (the
     channel's value of ``measure`` in the title)."""
     st = data.st_matrix(layer, unit)
-    canvas = _canvas(canvas, PANEL)
+    canvas = _canvas(canvas, PANEL, left=0.12, right=0.97, bottom=0.24, top=0.91)
     ax = canvas.subplots()
     image = ax.imshow(st, cmap="magma", aspect="auto", interpolation="nearest")
     labels = data.transformation_labels
@@ -187,7 +200,8 @@ def plot_extreme_maps(data: ExplorerData, measure: str, layer: str, canvas: Canv
     maps = data.maps[layer]
     values = data.values(measure, layer) if data.per_channel(measure, layer) else np.full(data.channels(layer), np.nan)
     titles = _direction(measure)
-    canvas = _canvas(canvas, PANEL)
+    canvas = _canvas(canvas, PANEL, left=0.1, right=0.99, bottom=0.1 if data.maps[layer].ndim == 4 else 0.24,
+                     top=0.82, wspace=0.06, hspace=0.35)
     labels = data.transformation_labels
     if maps.ndim == 4:
         cols = _columns(maps.shape[0], limit)
@@ -224,7 +238,8 @@ def plot_inputs(data: ExplorerData, canvas: Canvas | None = None, columns: int =
     m = data.inputs.shape[0]
     cols = min(m, columns)
     rows = math.ceil(m / cols)
-    canvas = _canvas(canvas, (2 * PANEL[0], 0.75 * rows + 0.5))  # a strip under the panels (title room)
+    canvas = _canvas(canvas, (2 * PANEL[0], 0.75 * rows + 0.5), left=0.01, right=0.99,  # a strip under the panels
+                     bottom=0.25 / (0.75 * rows + 0.5), top=1 - 0.3 / (0.75 * rows + 0.5), wspace=0.05)
     axes = canvas.subplots(rows, cols, squeeze=False)
     lo, hi = float(data.inputs.min()), float(data.inputs.max())
     for j, ax in enumerate(axes.flat):
