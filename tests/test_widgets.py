@@ -391,3 +391,21 @@ def test_export_html_covers_every_checkpoint_and_measure_and_skips_repeated_laye
     column = [float(row[columns.index("NV · untrained")]) for row in rows]
     np.testing.assert_allclose(column, explorer.others["untrained"].results["NV"].layer_means().to_numpy(), rtol=1e-2)
     assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', html)) == 1 + 6 + 1
+
+
+def test_a_view_seen_before_is_not_drawn_again(setup, monkeypatch):
+    model, x, ts = setup
+    explorer = widgets.Explorer({"tiny": model}, {"random": x}, {"r": ts}, n_samples=N, max_st_samples=ST,
+                                layer="inner.0")
+    first = {name: getattr(explorer, name).value for name in ("curve", "heatmap", "st", "maps")}
+    explorer.select(layer="inner.3")
+    drawn = []
+    monkeypatch.setattr("tmlib.widgets.explorer.figure_png", lambda fig: drawn.append(fig) or b"new")
+    explorer.select(layer="inner.0")  # back: every panel from the PNG cache, none rendered
+    assert drawn == [] and {name: getattr(explorer, name).value for name in first} == first
+    explorer.select(unit=1)  # a new channel: its bar and ST matrix are rendered, nothing else
+    assert len(drawn) == 2 and explorer.heatmap.value == explorer.st.value == b"new"
+    assert explorer.curve.value == first["curve"]
+    monkeypatch.setattr("tmlib.widgets.explorer.PNG_CACHE", 3)
+    explorer.select(unit=2)
+    assert len(explorer._pngs) == 3  # bounded

@@ -18,6 +18,7 @@ slider already drive every selection.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from .figures import (
 __all__ = ["Explorer"]
 
 NONE = "(none)"
+PNG_CACHE = 256  # panels' PNGs kept (a few MB): revisiting a layer, channel or measure is instant
 
 
 def _image_widget(css: str):
@@ -121,6 +123,7 @@ class Explorer:
         self.others: dict[str, ExplorerData] = {}
         self.timings: dict[str, float] = {}  # what the last update took: "pass …", "draw"
         self._loaded: dict[str, nn.Module] = {}
+        self._pngs: OrderedDict[tuple, bytes] = OrderedDict()
         self._initial_layer = layer
         self._quiet = False  # set while the explorer itself moves selectors: one redraw, not several
 
@@ -281,10 +284,15 @@ class Explorer:
         return y_range(self.measure.value, [self.data, *self.others.values()])
 
     def _draw(self, panels: Sequence[str]) -> None:
-        """Render ``panels`` (names of the image widgets), then update them all at once."""
+        """Render ``panels`` (names of the image widgets), then update them all at once. Each PNG
+        is kept by what it shows (the last :data:`PNG_CACHE` of them): a view seen before is not
+        drawn again."""
         start = time.perf_counter()
         d, measure, layer, unit = self.data, self.measure.value, self.layer.value, self.unit.value
         ylim = self.ylim()
+        shown = (self.key(), tuple(self.others))
+        depends = {"curve": (measure, layer, ylim), "heatmap": (measure, layer, unit, ylim),
+                   "st": (measure, layer, unit), "maps": (measure, layer), "inputs": ()}
         make = {
             "curve": lambda: plot_layer_curve(d, measure, layer, others=self.others, label=self.checkpoint.value,
                                               ylim=ylim),
@@ -293,7 +301,15 @@ class Explorer:
             "maps": lambda: plot_extreme_maps(d, measure, layer),
             "inputs": lambda: plot_inputs(d),
         }
-        pngs = {name: figure_png(make[name]()) for name in panels}
+        pngs = {}
+        for name in panels:
+            key = (name, *shown, *depends[name])
+            if key not in self._pngs:
+                self._pngs[key] = figure_png(make[name]())
+                while len(self._pngs) > PNG_CACHE:
+                    self._pngs.popitem(last=False)
+            self._pngs.move_to_end(key)
+            pngs[name] = self._pngs[key]
         for name, png in pngs.items():
             getattr(self, name).value = png
         self.timings["draw"] = time.perf_counter() - start
