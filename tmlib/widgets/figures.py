@@ -200,8 +200,9 @@ def plot_extreme_maps(data: ExplorerData, measure: str, layer: str, canvas: Canv
     maps = data.maps[layer]
     values = data.values(measure, layer) if data.per_channel(measure, layer) else np.full(data.channels(layer), np.nan)
     titles = _direction(measure)
-    canvas = _canvas(canvas, PANEL, left=0.1, right=0.99, bottom=0.1 if data.maps[layer].ndim == 4 else 0.24,
-                     top=0.82, wspace=0.06, hspace=0.35)
+    spatial = data.maps[layer].ndim == 4
+    canvas = _canvas(canvas, PANEL, left=0.1 if spatial else 0.15, right=0.99, bottom=0.1 if spatial else 0.24,
+                     top=0.82 if spatial else 0.88, wspace=0.06, hspace=0.35)
     labels = data.transformation_labels
     if maps.ndim == 4:
         cols = _columns(maps.shape[0], limit)
