@@ -231,12 +231,32 @@ def test_layer_selector_redraws_the_heatmap_in_jupyterlab(lab, page):
     assert before.startswith("blob:") and after != before, "the heatmap was not redrawn"
     assert new != old, "the heatmap's image did not change"
     assert selector.input_value() == "fc0"
-    # The four panels are there and drawn.
-    for css in ("tmlib-curve", "tmlib-heatmap", "tmlib-st", "tmlib-inputs"):
+    # The compare overlay is there (the notebook compares with the rotation-augmented checkpoint),
+    # the status says what was computed, and no progress bar stays up when idle.
+    assert page.locator(".tmlib-explorer .tmlib-compare select").input_value() == "rotation augmentation"
+    status = page.locator(".tmlib-explorer .tmlib-status").inner_text()
+    assert status.startswith(("computed ", "from cache")), status
+    assert not page.locator(".tmlib-explorer .tmlib-progress").is_visible()
+    # The five panels are there and drawn.
+    for css in ("tmlib-curve", "tmlib-heatmap", "tmlib-st", "tmlib-maps", "tmlib-inputs"):
         size = page.locator(f".tmlib-explorer .{css}").evaluate("el => [el.naturalWidth, el.naturalHeight]")
         assert min(size) > 100, (css, size)
+    # The export button writes the view's PNG into the notebook's figures_dir and says where.
+    page.locator(".tmlib-explorer .tmlib-save-png").click()
+    saved = page.locator(".tmlib-explorer .tmlib-saved")
+    page.wait_for_function("el => el.textContent.includes('wrote')", arg=saved.element_handle(), timeout=60_000)
+    written = sorted((lab.folder / "figures").glob("explorer_*_fc0_ch*.png"))
+    assert len(written) == 1 and written[0].read_bytes()[:4] == b"\x89PNG" and written[0].name in saved.inner_text()
+    # At 1440 × 900 the explorer fits: its controls and its panels in view together.
+    page.set_viewport_size({"width": 1440, "height": 900})
     explorer = page.locator(".tmlib-explorer")
-    explorer.scroll_into_view_if_needed()
+    explorer.evaluate("el => el.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(500)
+    box = explorer.bounding_box()
+    assert box["height"] <= 800 and box["width"] <= 1440, box
+    for css in ("tmlib-layer", "tmlib-unit", "tmlib-curve", "tmlib-maps"):
+        part = page.locator(f".tmlib-explorer .{css}").bounding_box()
+        assert part["y"] >= 0 and part["y"] + part["height"] <= 900, (css, part)
     path = _screenshot_path()
     explorer.screenshot(path=str(path))
     assert path.stat().st_size > 50_000

@@ -1,12 +1,15 @@
 """The layer explorer without a browser: its data layer, cache, figures, widgets and HTML export."""
 
+import copy
 import re
 
 import harness
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import CountingModel
+from matplotlib.colors import to_rgba
 
 from tmlib import transforms, widgets
 from tmlib.measures import GEEDInvariance, NormalizedVariance, NormalizedVarianceSE, evaluate
@@ -103,15 +106,19 @@ def test_panel_figures_have_labelled_axes_and_the_right_data(explored):
     assert highlighted.get_xdata()[0] == 3
     assert highlighted.get_ydata()[0] == pytest.approx(data.results["NV"].layer_means()[layer])
 
-    heat = widgets.plot_channel_heatmap(data, "NV", layer)
-    ax, colorbar = heat.axes
-    assert ax.get_xlabel() and ax.get_ylabel() and colorbar.get_ylabel() == "NV (channel)"
-    shown = ax.images[0].get_array().compressed()  # row by row, NaN padding masked out
-    np.testing.assert_allclose(shown, np.sort(data.values("NV", layer))[::-1])
-    assert shown.shape == (6,) and ax.images[0].get_array().shape == (2, 3)
+    assert ax.get_ylim() == widgets.FIXED_RANGES["NV"] == (0.0, 1.4)  # NV on the papers' fixed scale
 
-    st = widgets.plot_st_matrix(data, layer, 2)
+    bars = widgets.plot_channel_values(data, "NV", layer)
+    (ax,) = bars.axes
+    assert ax.get_xlabel() and ax.get_ylabel() == "NV (channel)" and ax.get_ylim() == (0.0, 1.4)
+    heights = [patch.get_height() for patch in ax.patches]  # ascending: the most invariant left
+    np.testing.assert_allclose(heights, np.sort(data.values("NV", layer)))
+    order = widgets.channel_order(data, "NV", layer)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(c) for c in order]
+
+    st = widgets.plot_st_matrix(data, layer, 2, measure="NV")
     ax, colorbar = st.axes
+    assert ax.get_title() == f"(3) ST matrix of {layer}, channel 2 (NV = {data.values('NV', layer)[2]:.3f})"
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("transformation", f"sample (first {ST} of {N})")
     assert colorbar.get_ylabel() == "mean activation"
     np.testing.assert_array_equal(ax.images[0].get_array(), data.st_matrix(layer, 2))
@@ -130,7 +137,7 @@ def test_panel_figures_have_labelled_axes_and_the_right_data(explored):
     assert [a.get_xlabel() for a in inputs.axes[:M]] == data.transformation_labels
 
     full = widgets.explorer_figure(data, "NV", layer, 2)
-    assert len(full.axes) == 1 + 2 + 2 + 2 * M + M and all(x or y for x, y in _labels(full)[:1])
+    assert len(full.axes) == 1 + 1 + 2 + 2 * M + M and all(x or y for x, y in _labels(full)[:1])
     png = widgets.figure_png(full)
     again = widgets.figure_png(widgets.explorer_figure(data, "NV", layer, 2))
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == again  # deterministic: same data, same bytes
@@ -144,7 +151,10 @@ def test_explorer_redraws_from_the_cache_without_forwards(setup):
     assert model.images == N * M and explorer.cache.computations == 1
     assert explorer.layer.options == tuple(explorer.data.layers) and explorer.layer.value == "inner.0"
     assert explorer.unit.max == 3 and explorer.progress.value == explorer.progress.max == N
-    before = {w: getattr(explorer, w).value for w in ("curve", "heatmap", "st", "inputs")}
+    assert explorer.progress.layout.visibility == "hidden"  # idle: no "computing" bar
+    assert re.fullmatch(r"computed tiny in \d+\.\d s: 10 samples × 4 transformations, 40 images .*",
+                        explorer.status.value)
+    before = {w: getattr(explorer, w).value for w in ("curve", "heatmap", "st", "maps", "inputs")}
     assert all(len(v) > 1000 for v in before.values())
 
     explorer.layer.value = "inner.3"  # the layer selector's callback redraws panels 1–3
@@ -152,11 +162,14 @@ def test_explorer_redraws_from_the_cache_without_forwards(setup):
     assert explorer.unit.max == 5
     assert explorer.heatmap.value != before["heatmap"] and explorer.curve.value != before["curve"]
     assert explorer.st.value != before["st"] and explorer.inputs.value == before["inputs"]
-    assert explorer.heatmap.value == widgets.figure_png(widgets.plot_channel_heatmap(explorer.data, "NV", "inner.3"))
+    assert explorer.maps.value != before["maps"]
+    assert explorer.heatmap.value == widgets.figure_png(widgets.plot_channel_values(
+        explorer.data, "NV", "inner.3", explorer.unit.value, ylim=explorer.ylim()))
 
-    heatmap = explorer.heatmap.value
-    explorer.select(unit=4)  # a unit redraws panel 3 only
-    assert explorer.heatmap.value == heatmap and explorer.unit.value == 4
+    heatmap, curve, maps = explorer.heatmap.value, explorer.curve.value, explorer.maps.value
+    explorer.select(unit=4)  # a unit redraws its marked bar and its ST matrix only
+    assert explorer.heatmap.value != heatmap and explorer.unit.value == 4
+    assert explorer.curve.value == curve and explorer.maps.value == maps
     explorer.select(measure="TV")
     assert explorer.heatmap.value != heatmap and model.images == N * M
     with pytest.raises(ValueError, match="layer: unknown layer name"):
@@ -165,8 +178,10 @@ def test_explorer_redraws_from_the_cache_without_forwards(setup):
     explorer.transformation.value = "3 rotations"  # a new selection computes once …
     assert model.images == N * M + N * 3 and explorer.cache.computations == 2
     assert explorer.layer.value == "inner.3" and explorer.data.transformation_labels == ["0°", "120°", "240°"]
+    assert explorer.status.value.startswith("computed tiny in ")
     explorer.transformation.value = "4 rotations"  # … and going back is a cache hit
     assert model.images == N * M + N * 3 and explorer.cache.computations == 2
+    assert explorer.status.value.startswith("from cache: 10 samples × 4 transformations")
     assert explorer.figure().axes  # the static figure of the current selection
     assert "tmlib-explorer" in explorer.widget._dom_classes and "tmlib-heatmap" in explorer.heatmap._dom_classes
     assert "tmlib-layer" in explorer.layer._dom_classes
@@ -176,7 +191,8 @@ def test_export_html_is_offline_and_inlines_every_layer(explored, tmp_path):
     *_, data = explored
     path = widgets.export_html(data, tmp_path / "report" / "explorer.html", layers=["inner.0", "inner.6"])
     html = path.read_text()
-    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', html)) == 2
+    # The overview of every measure, one section per layer, the inputs once.
+    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', html)) == 1 + 2 + 1
     assert "Layer <code>inner.6</code>" in html
     # Nothing to fetch: no script, stylesheet, image or import from the network.
     assert not re.findall(r'(?:src|href)="(?:https?:)?//', html)
@@ -203,8 +219,9 @@ def test_every_family_that_applies_to_the_layer_is_offered(explored, setup):
         assert not data.per_channel("GEED-inv", layer) and data.per_channel("NV", layer)
     with pytest.raises(ValueError, match="measure: 'NVSE' is not defined for layer 'inner.6' \\(no spatial"):
         data.values("NVSE", "inner.6")
-    heat = widgets.plot_channel_heatmap(data, "GEED-inv", "inner.3")  # one value per layer: one cell
-    assert heat.axes[0].images[0].get_array().compressed().tolist() == pytest.approx(data.values("GEED-inv", "inner.3"))
+    heat = widgets.plot_channel_values(data, "GEED-inv", "inner.3", 2)  # one value per layer: one bar, unmarked
+    assert [p.get_height() for p in heat.axes[0].patches] == pytest.approx(data.values("GEED-inv", "inner.3"))
+    assert heat.axes[0].patches[0].get_facecolor() == pytest.approx(to_rgba("tab:blue"))
     maps = widgets.plot_extreme_maps(data, "GEED-inv", "inner.3")  # channels ordered by NV instead
     order = widgets.channel_order(data, "NV", "inner.3")
     np.testing.assert_array_equal(maps.axes[0].images[0].get_array(), data.maps["inner.3"][0, order[0]])
@@ -226,8 +243,169 @@ def test_explorer_measure_menu_follows_the_layer(setup):
     explorer.select(layer="inner.6")  # DSES is not defined there: the menu falls back to its first entry
     assert list(explorer.measure.options) == ["NV", "TV", "SV", "GEED-inv"] and explorer.measure.value == "NV"
     explorer.select(measure="GEED-inv")
-    assert explorer.heatmap.value == widgets.figure_png(widgets.plot_channel_heatmap(explorer.data, "GEED-inv",
-                                                                                     "inner.6"))
+    assert explorer.heatmap.value == widgets.figure_png(widgets.plot_channel_values(
+        explorer.data, "GEED-inv", "inner.6", explorer.unit.value, ylim=explorer.ylim()))
     with pytest.raises(ValueError, match="not defined for layer 'inner.6'"):
         explorer.select(measure="NVSE")
     assert model.images == before  # menus and redraws: no forward
+
+
+@pytest.fixture
+def two_checkpoints(small_cnn):
+    torch.manual_seed(1)
+    x = torch.randn(N, 1, 8, 8)
+    torch.manual_seed(5)
+    other = copy.deepcopy(small_cnn)  # the same architecture …
+    with torch.no_grad():  # … other weights
+        for parameter in other.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    models = {"untrained": CountingModel(small_cnn), "trained": CountingModel(other), "third": CountingModel(other)}
+    return models, x, transforms.rotations(M)
+
+
+def test_compare_overlay_draws_every_checkpoint_on_one_fixed_scale(two_checkpoints, tmp_path):
+    models, x, ts = two_checkpoints
+    explorer = widgets.Explorer(models, {"random": x}, {"rot": ts}, n_samples=N, max_st_samples=ST,
+                                layer="inner.3", checkpoint="trained", compare="third", export_dir=tmp_path)
+    assert explorer.baseline == "untrained" and explorer.overlays() == ["third", "untrained"]
+    assert explorer.cache.computations == 3 and set(explorer.others) == {"third", "untrained"}
+    # The curve's lines are the three checkpoints' layer means (the selection, then the overlays).
+    fig = widgets.plot_layer_curve(explorer.data, "NV", "inner.3", others=explorer.others, label="trained")
+    (ax,) = fig.axes
+    lines = {line.get_label(): line for line in ax.lines}
+    for label in ("trained", "third", "untrained"):
+        data = explorer.data if label == "trained" else explorer.others[label]
+        means = data.results["NV"].layer_means()
+        np.testing.assert_allclose(lines[label].get_ydata(), means.to_numpy())
+        np.testing.assert_array_equal(lines[label].get_xdata(), [data.layers.index(k) for k in means.index])
+    frame = widgets.curve_frame(explorer.data, "NV", explorer.others, "trained")
+    assert list(frame["label"].unique()) == ["trained", "third", "untrained"] and len(frame) == 3 * 7
+    # Switching the checkpoint keeps the y range (NV: fixed 0–1.4) and computes nothing new.
+    before = explorer.ylim()
+    assert before == (0.0, 1.4) == ax.get_ylim()
+    explorer.checkpoint.value = "untrained"
+    assert explorer.ylim() == before and explorer.cache.computations == 3
+    assert explorer.overlays() == ["third"] and explorer.status.value.startswith("from cache")
+    # An unnormalised measure: the range spans every checkpoint drawn, the same from either one.
+    explorer.select(measure="TV")
+    tv = explorer.ylim()
+    explorer.checkpoint.value = "third"
+    explorer.compare.value = "untrained"
+    assert explorer.overlays() == ["untrained"]
+    explorer.compare.value = "trained"
+    assert set(explorer.overlays()) == {"trained", "untrained"}
+    everything = widgets.y_range("TV", [explorer.data, *explorer.others.values()])
+    assert everything == explorer.ylim() and everything[1] >= tv[1] - 1e-12
+    explorer.compare.value = "(none)"
+    assert explorer.overlays() == ["untrained"]
+
+
+def test_marked_channel_and_its_value(explored):
+    *_, data = explored
+    layer, unit = "inner.3", 4
+    values = data.values("NV", layer)
+    (ax,) = widgets.plot_channel_values(data, "NV", layer, unit).axes
+    order = widgets.channel_order(data, "NV", layer)
+    rank = int(np.flatnonzero(order == unit)[0])
+    red = [i for i, p in enumerate(ax.patches) if p.get_facecolor() == pytest.approx(to_rgba("tab:red"))]
+    assert red == [rank] and ax.patches[rank].get_height() == pytest.approx(values[unit])
+    (note,) = ax.texts
+    assert note.get_text() == f"ch {unit}: {values[unit]:.3f}" and note.xy == (rank, pytest.approx(values[unit]))
+    assert ax.get_title().endswith(f"channel {unit} = {values[unit]:.3f} (rank {rank + 1})")
+
+
+def test_transformations_are_shown_at_evenly_spaced_parameters(small_cnn):
+    torch.manual_seed(1)
+    x = torch.randn(4, 1, 8, 8)
+    data = widgets.compute(small_cnn, x, transforms.rotations(16), max_st_samples=2)
+    maps = widgets.plot_extreme_maps(data, "NV", "0")
+    shown = [a.get_xlabel() for a in maps.axes[len(maps.axes) // 2:]]
+    assert shown == ["0°", "45°", "90°", "135°", "180°", "225°", "270°", "315°"]
+    (ax, _) = widgets.plot_st_matrix(data, "0", 0).axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == shown
+    odd = widgets.compute(small_cnn, x, transforms.rotations(18), max_st_samples=2)
+    labels = [a.get_xlabel() for a in widgets.plot_extreme_maps(odd, "NV", "0").axes[6:]]
+    assert labels == ["0°", "60°", "120°", "180°", "240°", "300°"]  # every third of 18: evenly spaced
+
+
+def test_export_buttons_write_the_view_and_its_values(two_checkpoints, tmp_path):
+    models, x, ts = two_checkpoints
+    folder = tmp_path / "figs"
+    explorer = widgets.Explorer(models, {"random": x}, {"rot 4": ts}, n_samples=N, max_st_samples=ST,
+                                layer="inner.3", checkpoint="trained", export_dir=folder)
+    explorer.select(unit=2)
+    explorer.save_png.click()
+    (png,) = folder.glob("*.png")
+    assert png.name == "explorer_trained_random_rot_4_nv_inner.3_ch2.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (png.stat().st_mode & 0o777) == 0o644
+    assert str(png) in explorer.saved.value and not list(folder.glob(".*tmp*"))
+    paths = explorer.export(("csv",))
+    assert [p.name for p in paths] == [png.stem + "_layers.csv", png.stem + "_channels.csv"]
+    assert all((p.stat().st_mode & 0o777) == 0o644 for p in paths) and all(str(p) in explorer.saved.value for p in paths)
+    curves, channels = (pd.read_csv(p) for p in paths)
+    # The CSV rows are the values drawn: the curve's lines and the channel panel's bars.
+    (ax,) = widgets.plot_layer_curve(explorer.data, "NV", "inner.3", others=explorer.others, label="trained").axes
+    for label, line in ((ln.get_label(), ln) for ln in ax.lines[:2]):
+        np.testing.assert_allclose(curves.loc[curves["label"] == label, "value"], line.get_ydata())
+    assert set(curves["label"]) == {"trained", "untrained"} and set(curves["measure"]) == {"NV"}
+    (bars,) = widgets.plot_channel_values(explorer.data, "NV", "inner.3", 2).axes
+    np.testing.assert_allclose(channels["value"], [p.get_height() for p in bars.patches])
+    assert channels["channel"].tolist() == widgets.channel_order(explorer.data, "NV", "inner.3").tolist()
+    assert channels.loc[channels["selected"], "channel"].tolist() == [2]
+    assert channels.loc[channels["selected"], "value"].item() == pytest.approx(explorer.data.values("NV", "inner.3")[2])
+
+
+def test_saved_notebook_text_says_the_widget_needs_a_kernel(setup):
+    model, x, ts = setup
+    explorer = widgets.Explorer({"tiny": model}, {"random": x}, {"r": ts}, n_samples=N, max_st_samples=ST)
+    bundle = explorer._repr_mimebundle_()
+    assert "needs a running kernel" in bundle["text/plain"] and "VBox" not in bundle["text/plain"]
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+
+
+def test_export_html_covers_every_checkpoint_and_measure_and_skips_repeated_layers(two_checkpoints, tmp_path):
+    models, x, ts = two_checkpoints
+    explorer = widgets.Explorer(models, {"random": x}, {"rot": ts}, n_samples=N, max_st_samples=ST,
+                                checkpoint="trained", compare="third")
+    data = explorer.data
+    for name in data.measures_for("inner.4"):  # inner.4 repeats inner.3 in every measure
+        data.results[name].values["inner.4"] = np.copy(data.results[name].values["inner.3"])
+    assert widgets.same_as_previous(data, data.measures, data.layers) == {"inner.4": "inner.3"}
+    path = widgets.export_html(data, tmp_path / "r.html", others=explorer.others, label="trained")
+    html = path.read_text()
+    sections = re.findall(r"<h2[^>]*>Layer <code>([^<]+)</code>", html)
+    assert sections == [k for k in data.layers if k != "inner.4"]
+    assert "the same values as inner.4" in html and "also inner.4: same values" in html
+    # A table of contents whose links all land on an anchor of the page.
+    links = re.findall(r'<a href="#([^"]+)"', html)
+    assert {"overview", "means"} | {f"layer-inner-{i}" for i in (0, 3, 6)} <= set(links)
+    assert all(f'id="{link}"' in html for link in links)
+    # The layer means of every measure and checkpoint, as a table.
+    part = html[html.index('id="means"'):]
+    part = part[part.index("<table"):part.index("</table>")]
+    head, body = part.split("<tbody>")
+    columns = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<th>(.*?)</th>", head, re.S)]
+    assert len(columns) == 1 + 3 * len(data.measures)
+    rows = [re.findall(r"<t[hd]>(.*?)</t[hd]>", row, re.S) for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+    assert [row[0] for row in rows] == data.layers
+    column = [float(row[columns.index("NV · untrained")]) for row in rows]
+    np.testing.assert_allclose(column, explorer.others["untrained"].results["NV"].layer_means().to_numpy(), rtol=1e-2)
+    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', html)) == 1 + 6 + 1
+
+
+def test_a_view_seen_before_is_not_drawn_again(setup, monkeypatch):
+    model, x, ts = setup
+    explorer = widgets.Explorer({"tiny": model}, {"random": x}, {"r": ts}, n_samples=N, max_st_samples=ST,
+                                layer="inner.0")
+    first = {name: getattr(explorer, name).value for name in ("curve", "heatmap", "st", "maps")}
+    explorer.select(layer="inner.3")
+    drawn = []
+    monkeypatch.setattr("tmlib.widgets.explorer.figure_png", lambda fig: drawn.append(fig) or b"new")
+    explorer.select(layer="inner.0")  # back: every panel from the PNG cache, none rendered
+    assert drawn == [] and {name: getattr(explorer, name).value for name in first} == first
+    explorer.select(unit=1)  # a new channel: its bar and ST matrix are rendered, nothing else
+    assert len(drawn) == 2 and explorer.heatmap.value == explorer.st.value == b"new"
+    assert explorer.curve.value == first["curve"]
+    monkeypatch.setattr("tmlib.widgets.explorer.PNG_CACHE", 3)
+    explorer.select(unit=2)
+    assert len(explorer._pngs) == 3  # bounded

@@ -6,37 +6,49 @@ Split along its seams, each part usable on its own:
   the pictures' statistics (ST means of the first samples, feature maps of one image);
   :class:`ExplorerData` holds the result, :class:`ExplorerCache` keeps it, so choosing another
   layer, unit or measure afterwards only redraws;
-* :mod:`~tmlib.widgets.figures` — the four panels as matplotlib figures (no pyplot);
-* :mod:`~tmlib.widgets.export` — :func:`export_html`, an offline HTML report;
+* :mod:`~tmlib.widgets.figures` — the panels as matplotlib figures (no pyplot);
+* :mod:`~tmlib.widgets.export` — :func:`export_html`, an offline HTML report, and :func:`save_view`,
+  the export buttons' PNG and CSV files;
 * :mod:`~tmlib.widgets.explorer` — :class:`Explorer`, the widget.
 """
 
 from .data import MEASURES, ExplorerCache, ExplorerData, channel_order, compute
 from .explorer import Explorer
-from .export import export_html
+from .export import channel_frame, export_html, same_as_previous, save_view
 from .figures import (
+    FIXED_RANGES,
+    curve_frame,
     explorer_figure,
     figure_png,
     plot_channel_heatmap,
+    plot_channel_values,
     plot_extreme_maps,
     plot_inputs,
     plot_layer_curve,
     plot_st_matrix,
+    y_range,
 )
 
 __all__ = [
+    "FIXED_RANGES",
     "MEASURES",
     "Explorer",
     "ExplorerCache",
     "ExplorerData",
+    "channel_frame",
     "channel_order",
     "compute",
+    "curve_frame",
     "explorer_figure",
     "export_html",
     "figure_png",
     "plot_channel_heatmap",
+    "plot_channel_values",
     "plot_extreme_maps",
     "plot_inputs",
     "plot_layer_curve",
     "plot_st_matrix",
+    "same_as_previous",
+    "save_view",
+    "y_range",
 ]

@@ -1,14 +1,24 @@
 """The interactive explorer (ipywidgets): choose what to measure, then browse layers and units.
 
-Dropdowns (checkpoint, dataset, transformation set, measure, layer), a unit slider and a progress
-bar drive the figures of :mod:`tmlib.widgets.figures`, rendered as PNG ``Image`` widgets with stable
-CSS classes (``tmlib-explorer``, ``tmlib-layer``, ``tmlib-unit``, ``tmlib-curve``, ``tmlib-heatmap``,
-``tmlib-st``, ``tmlib-inputs``) for browser tests. The measure dropdown offers the measures defined
-for the selected layer (same-equivariance on feature maps only, for instance).
+A left column of controls (checkpoint, "compare with" checkpoint, dataset, transformation set,
+measure, layer, channel, progress, status, export buttons) beside the figures of
+:mod:`tmlib.widgets.figures`, rendered as PNG ``Image`` widgets with stable CSS classes
+(``tmlib-explorer``, ``tmlib-layer``, ``tmlib-unit``, ``tmlib-compare``, ``tmlib-curve``,
+``tmlib-heatmap`` (the channel panel), ``tmlib-st``, ``tmlib-maps``, ``tmlib-inputs``,
+``tmlib-save-png``, ``tmlib-save-csv``) for browser tests. The measure dropdown offers the measures
+defined for the selected layer (same-equivariance on feature maps only, for instance). Every
+change first computes what it needs (a pass, or nothing), then renders every panel that changed,
+then updates them together.
+
+The plots are static PNGs: clicking them selects nothing. An interactive backend (ipympl, plotly)
+was left out: it adds a JupyterLab extension to pin and test offline, and the dropdowns and the
+slider already drive every selection.
 """
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,15 +27,28 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .data import MEASURES, ExplorerCache, ExplorerData, applicable_measures, compute
-from .figures import explorer_figure, figure_png, panel_3, plot_channel_heatmap, plot_inputs, plot_layer_curve
+from .export import save_view, view_stem
+from .figures import (
+    explorer_figure,
+    figure_png,
+    plot_channel_values,
+    plot_extreme_maps,
+    plot_inputs,
+    plot_layer_curve,
+    plot_st_matrix,
+    y_range,
+)
 
 __all__ = ["Explorer"]
+
+NONE = "(none)"
+PNG_CACHE = 256  # panels' PNGs kept (a few MB): revisiting a layer, channel or measure is instant
 
 
 def _image_widget(css: str):
     import ipywidgets as w
 
-    image = w.Image(format="png", layout=w.Layout(max_width="100%", height="auto"))
+    image = w.Image(format="png", layout=w.Layout(width="100%", height="auto", object_fit="contain"))
     image.add_class(css)
     return image
 
@@ -43,10 +66,15 @@ class Explorer:
         n_samples, seed, data_root, models_dir: how datasets are loaded and models cached.
         image: the sample whose feature maps and transformed inputs are shown.
         max_st_samples: rows of the ST matrices.
+        layer, checkpoint, compare: the starting selection (``compare``: a checkpoint whose curve
+            is drawn on the same axis, default none).
+        baseline: a checkpoint always drawn on the curve (default: the first whose label contains
+            "untrained"; None for none).
+        export_dir: where the export buttons write (default ``figures``).
         compute: compute the first selection right away (otherwise call :meth:`compute`).
 
-    Changing the checkpoint, dataset or transformation set computes (once per combination, with
-    a progress bar); changing the measure, layer or unit only redraws from the cache.
+    Changing the checkpoint, compare checkpoint, dataset or transformation set computes (once per
+    combination, with a progress bar); changing the measure, layer or unit only redraws.
     """
 
     def __init__(
@@ -64,6 +92,10 @@ class Explorer:
         layer: str | None = None,
         compute: bool = True,
         cache: ExplorerCache | None = None,
+        checkpoint: str | None = None,
+        compare: str | None = None,
+        baseline: str | None = "auto",
+        export_dir: str | Path = "figures",
     ) -> None:
         import ipywidgets as w
 
@@ -74,50 +106,74 @@ class Explorer:
             raise ValueError(f"measures: choose from {list(MEASURES)}, got {list(measures)}")
         self.measure_names = list(measures)
         self.models = dict(models)
+        for name, value in [("checkpoint", checkpoint), ("compare", compare)]:
+            if value is not None and value not in self.models:
+                raise ValueError(f"{name}: choose from {list(self.models)}, got {value!r}")
+        if baseline == "auto":
+            baseline = next((label for label in self.models if "untrained" in label.lower()), None)
+        elif baseline is not None and baseline not in self.models:
+            raise ValueError(f"baseline: choose from {list(self.models)}, got {baseline!r}")
+        self.baseline = baseline
         self.datasets = self._as_mapping(datasets, "datasets")
         self.transformations = self._as_mapping(transformations, "transformations")
         self.n_samples, self.seed, self.image, self.max_st_samples = n_samples, seed, image, max_st_samples
-        self.data_root, self.models_dir = data_root, models_dir
+        self.data_root, self.models_dir, self.export_dir = data_root, models_dir, Path(export_dir)
         self.cache = cache if cache is not None else ExplorerCache()
         self.data: ExplorerData | None = None
+        self.others: dict[str, ExplorerData] = {}
+        self.timings: dict[str, float] = {}  # what the last update took: "pass …", "draw"
         self._loaded: dict[str, nn.Module] = {}
+        self._pngs: OrderedDict[tuple, bytes] = OrderedDict()
         self._initial_layer = layer
         self._quiet = False  # set while the explorer itself moves selectors: one redraw, not several
 
-        style = {"description_width": "110px"}
-        self.checkpoint = w.Dropdown(options=list(self.models), description="checkpoint", style=style,
-                                     layout=w.Layout(width="420px"))
-        self.dataset = w.Dropdown(options=list(self.datasets), description="dataset", style=style)
+        full = w.Layout(width="100%")
+        style = {"description_width": "104px"}
+        self.checkpoint = w.Dropdown(options=list(self.models), value=checkpoint or next(iter(self.models)),
+                                     description="checkpoint", style=style, layout=full)
+        self.compare = w.Dropdown(options=[NONE, *self.models], value=compare or NONE, description="compare with",
+                                  style=style, layout=full)
+        self.dataset = w.Dropdown(options=list(self.datasets), description="dataset", style=style, layout=full)
         self.transformation = w.Dropdown(options=list(self.transformations), description="transformations",
-                                         style=style)
-        self.measure = w.Dropdown(options=list(measures), description="measure", style=style)
-        self.layer = w.Dropdown(options=[], description="layer", style=style)
+                                         style=style, layout=full)
+        self.measure = w.Dropdown(options=list(measures), description="measure", style=style, layout=full)
+        self.layer = w.Dropdown(options=[], description="layer", style=style, layout=full)
         self.unit = w.IntSlider(value=0, min=0, max=0, description="channel", style=style,
-                                continuous_update=False)
-        self.progress = w.IntProgress(value=0, min=0, max=1, description="computing", style=style)
-        self.status = w.HTML()
+                                continuous_update=False, layout=full)
+        self.progress = w.IntProgress(value=0, min=0, max=1, description="computing", style=style,
+                                      layout=w.Layout(width="100%", visibility="hidden"))
+        self.status = w.HTML(layout=full)
+        self.save_png = w.Button(description="save PNG", icon="image", tooltip="the view as a PNG file",
+                                 layout=w.Layout(width="48%"))
+        self.save_csv = w.Button(description="save CSV", icon="table", tooltip="the view's values as CSV files",
+                                 layout=w.Layout(width="48%"))
+        self.saved = w.HTML(layout=full)
         self.curve, self.heatmap = _image_widget("tmlib-curve"), _image_widget("tmlib-heatmap")
-        self.st, self.inputs = _image_widget("tmlib-st"), _image_widget("tmlib-inputs")
-        for widget, css in [(self.layer, "tmlib-layer"), (self.unit, "tmlib-unit"),
-                            (self.measure, "tmlib-measure"), (self.progress, "tmlib-progress"),
-                            (self.status, "tmlib-status")]:
+        self.st, self.maps = _image_widget("tmlib-st"), _image_widget("tmlib-maps")
+        self.inputs = _image_widget("tmlib-inputs")
+        for widget, css in [(self.layer, "tmlib-layer"), (self.unit, "tmlib-unit"), (self.measure, "tmlib-measure"),
+                            (self.compare, "tmlib-compare"), (self.checkpoint, "tmlib-checkpoint"),
+                            (self.progress, "tmlib-progress"), (self.status, "tmlib-status"),
+                            (self.save_png, "tmlib-save-png"), (self.save_csv, "tmlib-save-csv"),
+                            (self.saved, "tmlib-saved")]:
             widget.add_class(css)
-        controls = w.VBox([
-            w.HBox([self.checkpoint, self.dataset]),
-            w.HBox([self.transformation, self.measure]),
-            w.HBox([self.layer, self.unit]),
-            w.HBox([self.progress, self.status]),
-        ])
-        panels = w.GridBox([self.curve, self.heatmap, self.st, self.inputs],
-                           layout=w.Layout(grid_template_columns="repeat(2, minmax(0, 1fr))", grid_gap="6px"))
-        self.widget = w.VBox([controls, panels])
+        controls = w.VBox([self.checkpoint, self.compare, self.dataset, self.transformation, self.measure,
+                           self.layer, self.unit, self.progress, self.status,
+                           w.HBox([self.save_png, self.save_csv], layout=w.Layout(justify_content="space-between")),
+                           self.saved], layout=w.Layout(width="300px", min_width="300px", margin="0 8px 0 0"))
+        grid = w.GridBox([self.curve, self.heatmap, self.st, self.maps],
+                         layout=w.Layout(grid_template_columns="repeat(2, minmax(0, 1fr))", grid_gap="4px"))
+        panels = w.VBox([grid, self.inputs], layout=w.Layout(flex="1 1 auto", max_width="1060px", min_width="0"))
+        self.widget = w.HBox([controls, panels], layout=w.Layout(width="100%", align_items="flex-start"))
         self.widget.add_class("tmlib-explorer")
 
-        for selector in (self.checkpoint, self.dataset, self.transformation):
+        for selector in (self.checkpoint, self.compare, self.dataset, self.transformation):
             selector.observe(self._on_selection, names="value")
         self.measure.observe(self._on_layer, names="value")
         self.layer.observe(self._on_layer, names="value")
         self.unit.observe(self._on_unit, names="value")
+        self.save_png.on_click(lambda _: self.export(("png",)))
+        self.save_csv.on_click(lambda _: self.export(("csv",)))
         if compute:
             self.compute()
 
@@ -131,9 +187,15 @@ class Explorer:
         return mapping
 
     # -- what the selection means ----------------------------------------------------------------
-    def key(self) -> tuple[str, str, str]:
-        """The cache key of the current selection: (checkpoint, dataset, transformation set)."""
-        return (self.checkpoint.value, self.dataset.value, self.transformation.value)
+    def key(self, checkpoint: str | None = None) -> tuple[str, str, str]:
+        """The cache key of the current selection (or of ``checkpoint`` with the current dataset
+        and transformation set): (checkpoint, dataset, transformation set)."""
+        return (checkpoint or self.checkpoint.value, self.dataset.value, self.transformation.value)
+
+    def overlays(self) -> list[str]:
+        """The checkpoints drawn beside the selected one: the compare checkpoint, the baseline."""
+        shown = [self.compare.value, self.baseline]
+        return [c for i, c in enumerate(shown) if c not in (None, NONE, self.checkpoint.value) and c not in shown[:i]]
 
     def _model(self, label: str) -> nn.Module:
         if label not in self._loaded:
@@ -169,27 +231,39 @@ class Explorer:
         self.progress.max = total
         self.progress.value = done
 
-    def compute(self) -> ExplorerData:
-        """Compute (or take from the cache) the current selection, then draw every panel."""
-        key = self.key()
-        if key not in self.cache:
-            self.status.value = f"computing {' · '.join(key)} …"
-            self.progress.value = 0
-        checkpoint, dataset, transformation = key
-
-        def make() -> ExplorerData:
+    def _get(self, checkpoint: str) -> ExplorerData:
+        """The data of ``checkpoint`` on the current dataset and set: from the cache, or one pass
+        (timed into :attr:`timings`, the progress bar shown meanwhile)."""
+        key = self.key(checkpoint)
+        if key in self.cache:
+            return self.cache.get(key, lambda: None)
+        _, dataset, transformation = key
+        self.status.value = f"computing {' · '.join(key)} …"
+        self.progress.value, self.progress.layout.visibility = 0, "visible"
+        start = time.perf_counter()
+        try:
             ts = self._transformation_set(transformation)
             measures, unavailable = applicable_measures(self.measure_names, ts)
-            data = compute(self._model(checkpoint), self._samples(dataset), ts, measures=measures,
-                           image=self.image, max_st_samples=self.max_st_samples, on_progress=self._report,
-                           title=f"{checkpoint} | measured on {dataset}, {transformation}")
+            data = self.cache.get(key, lambda: compute(
+                self._model(checkpoint), self._samples(dataset), ts, measures=measures, image=self.image,
+                max_st_samples=self.max_st_samples, on_progress=self._report,
+                title=f"{checkpoint} | measured on {dataset}, {transformation}"))
             data.metadata["unavailable"] = unavailable
-            return data
+        finally:
+            self.progress.layout.visibility = "hidden"
+        self.timings[f"pass {checkpoint}"] = time.perf_counter() - start
+        return data
 
-        self.data = self.cache.get(key, make)
-        self.progress.max = self.progress.value = max(1, self.data.n_samples)
-        self.status.value = (f"{self.data.n_samples} samples × {len(self.data.transformation_labels)} "
-                             f"transformations, {self.data.images_forwarded} images forwarded (cached)")
+    def compute(self) -> ExplorerData:
+        """Compute (or take from the cache) the current selection and the checkpoints drawn beside
+        it, then draw every panel and say in the status what was computed and how long it took."""
+        self.timings = {}
+        self.data = self._get(self.checkpoint.value)
+        self.others = {label: self._get(label) for label in self.overlays()}
+        passes = [f"{name[5:]} in {seconds:.1f} s" for name, seconds in self.timings.items()]
+        how = ("computed " + ", ".join(passes)) if passes else "from cache"
+        self.status.value = (f"{how}: {self.data.n_samples} samples × {len(self.data.transformation_labels)} "
+                             f"transformations, {self.data.images_forwarded} images forwarded per checkpoint")
         layer = self.layer.value if self.layer.value in self.data.layers else (
             self._initial_layer if self._initial_layer in self.data.layers else self.data.layers[-1])
         self._quiet = True
@@ -198,16 +272,51 @@ class Explorer:
             self.layer.value = layer
         finally:
             self._quiet = False
-        self.inputs.value = figure_png(plot_inputs(self.data))
-        self._on_layer()
+        self._on_layer(inputs=True)
         return self.data
 
     def _on_selection(self, change: dict | None = None) -> None:
         self.compute()
 
-    def _on_layer(self, change: dict | None = None) -> None:
-        """A new layer or measure: redraw panels 1–3 from the cache (no forward). The measure
-        dropdown offers the measures defined for the layer (the current one if it is)."""
+    def ylim(self) -> tuple[float, float]:
+        """The y range of panels 1 and 2: :func:`~tmlib.widgets.figures.y_range` of the measure
+        over the selected and overlaid checkpoints (fixed for NV and NVSE)."""
+        return y_range(self.measure.value, [self.data, *self.others.values()])
+
+    def _draw(self, panels: Sequence[str]) -> None:
+        """Render ``panels`` (names of the image widgets), then update them all at once. Each PNG
+        is kept by what it shows (the last :data:`PNG_CACHE` of them): a view seen before is not
+        drawn again."""
+        start = time.perf_counter()
+        d, measure, layer, unit = self.data, self.measure.value, self.layer.value, self.unit.value
+        ylim = self.ylim()
+        shown = (self.key(), tuple(self.others))
+        depends = {"curve": (measure, layer, ylim), "heatmap": (measure, layer, unit, ylim),
+                   "st": (measure, layer, unit), "maps": (measure, layer), "inputs": ()}
+        make = {
+            "curve": lambda: plot_layer_curve(d, measure, layer, others=self.others, label=self.checkpoint.value,
+                                              ylim=ylim),
+            "heatmap": lambda: plot_channel_values(d, measure, layer, unit, ylim=ylim),
+            "st": lambda: plot_st_matrix(d, layer, unit, measure=measure),
+            "maps": lambda: plot_extreme_maps(d, measure, layer),
+            "inputs": lambda: plot_inputs(d),
+        }
+        pngs = {}
+        for name in panels:
+            key = (name, *shown, *depends[name])
+            if key not in self._pngs:
+                self._pngs[key] = figure_png(make[name]())
+                while len(self._pngs) > PNG_CACHE:
+                    self._pngs.popitem(last=False)
+            self._pngs.move_to_end(key)
+            pngs[name] = self._pngs[key]
+        for name, png in pngs.items():
+            getattr(self, name).value = png
+        self.timings["draw"] = time.perf_counter() - start
+
+    def _on_layer(self, change: dict | None = None, inputs: bool = False) -> None:
+        """A new layer or measure: redraw panels 1–3 (no forward). The measure dropdown offers
+        the measures defined for the layer (the current one if it is)."""
         if self._quiet or self.data is None or self.layer.value is None:
             return
         channels = self.data.channels(self.layer.value)
@@ -221,15 +330,13 @@ class Explorer:
                 self.measure.value = current if current in offered else offered[0]
         finally:
             self._quiet = False
-        self.curve.value = figure_png(plot_layer_curve(self.data, self.measure.value, self.layer.value))
-        self.heatmap.value = figure_png(plot_channel_heatmap(self.data, self.measure.value, self.layer.value))
-        self._on_unit()
+        self._draw(["curve", "heatmap", "st", "maps", *(["inputs"] if inputs else [])])
 
     def _on_unit(self, change: dict | None = None) -> None:
-        """A new unit: redraw panel 3 only."""
+        """A new unit: redraw the channel panel (its marked bar) and the ST matrix only."""
         if self._quiet or self.data is None or self.layer.value is None:
             return
-        self.st.value = figure_png(panel_3(self.data, self.measure.value, self.layer.value, self.unit.value))
+        self._draw(["heatmap", "st"])
 
     def select(self, layer: str | None = None, unit: int | None = None, measure: str | None = None) -> None:
         """Programmatic selection (as a person would with the widgets); validates the names."""
@@ -245,10 +352,27 @@ class Explorer:
             self.unit.value = unit
 
     def figure(self) -> Figure:
-        """The current selection as one static figure (all four panels)."""
+        """The current view as one static figure (every panel, the overlaid curves)."""
         if self.data is None:
             raise ValueError("nothing computed yet; call compute() first")
-        return explorer_figure(self.data, self.measure.value, self.layer.value, self.unit.value)
+        return explorer_figure(self.data, self.measure.value, self.layer.value, self.unit.value,
+                               others=self.others, label=self.checkpoint.value, ylim=self.ylim())
+
+    def export(self, what: Sequence[str] = ("png", "csv")) -> list[Path]:
+        """Write the current view as PNG and/or its values as CSV into ``export_dir`` (see
+        :func:`~tmlib.widgets.export.save_view`); the paths written are shown under the buttons."""
+        if self.data is None:
+            raise ValueError("nothing computed yet; call compute() first")
+        stem = view_stem("explorer", *self.key(), self.measure.value, self.layer.value, f"ch{self.unit.value}")
+        paths = save_view(self.export_dir, stem, self.data, self.measure.value, self.layer.value, self.unit.value,
+                          others=self.others, label=self.checkpoint.value, what=what)
+        self.saved.value = ('<div style="word-break: break-all; line-height: 1.3">wrote '
+                            + ", ".join(f"<code>{path}</code>" for path in paths) + "</div>")
+        return paths
 
     def _repr_mimebundle_(self, **kwargs: Any):
-        return self.widget._repr_mimebundle_(**kwargs)
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        if isinstance(bundle, dict) and "text/plain" in bundle:  # what a saved notebook shows without a kernel
+            bundle["text/plain"] = ("Layer explorer (an interactive widget: it needs a running kernel; "
+                                    "the static figure of this view is shown further down)")
+        return bundle

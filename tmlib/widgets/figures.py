@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,19 +19,33 @@ from .data import LOW_MEANS, ExplorerData, channel_order
 __all__ = [
     "explorer_figure",
     "figure_png",
-    "panel_3",
+    "curve_frame",
     "plot_channel_heatmap",
+    "plot_channel_values",
     "plot_extreme_maps",
     "plot_inputs",
     "plot_layer_curve",
     "plot_st_matrix",
+    "y_range",
 ]
 
 Canvas = Figure | SubFigure
 
 
-def _canvas(canvas: Canvas | None, size: tuple[float, float]) -> Canvas:
-    return canvas if canvas is not None else Figure(figsize=size, layout="constrained")
+#: Size (inches) of one panel in the widget: two columns of 5.6 in at 90 dpi fit beside the
+#: controls at 1440 px, two rows and the inputs' strip in 900 px.
+PANEL = (5.6, 3.0)
+
+
+def _canvas(canvas: Canvas | None, size: tuple[float, float], **margins: float) -> Canvas:
+    """``canvas``, or a new figure of ``size`` with fixed ``margins`` (subplot parameters): a
+    constrained layout would look the same but costs a layout solve per draw, 2–3× the time of a
+    panel's redraw."""
+    if canvas is not None:
+        return canvas
+    fig = Figure(figsize=size)
+    fig.subplots_adjust(**margins)
+    return fig
 
 
 def _direction(measure: str) -> tuple[str, str]:
@@ -41,79 +56,135 @@ def _direction(measure: str) -> tuple[str, str]:
     return f"lowest {measure}", f"highest {measure}"
 
 
-def plot_layer_curve(data: ExplorerData, measure: str, layer: str, canvas: Canvas | None = None) -> Canvas:
-    """Panel 1: the measure's layer means over the layers, the selected layer highlighted
-    (drawn by :func:`tmlib.plots.layer_curves`; layers the measure skips are left out)."""
+#: Fixed y ranges of the normalised measures (as the papers plot NV): the same for every checkpoint.
+FIXED_RANGES: dict[str, tuple[float, float]] = {"NV": (0.0, 1.4), "NVSE": (0.0, 1.4)}
+
+
+def y_range(measure: str, datasets: Sequence[ExplorerData]) -> tuple[float, float]:
+    """The y range of ``measure``'s panels: :data:`FIXED_RANGES` where the measure has one (widened
+    upward only if a value exceeds it), otherwise 0 (or the lowest value, if negative) to 1.1 × the
+    highest value of ``datasets`` (every checkpoint drawn, so switching between them keeps it)."""
+    values = [np.asarray(d.results[measure].layer_means(), dtype=float) for d in datasets if measure in d.results]
+    values += [d.values(measure, layer) for d in datasets if measure in d.results
+               for layer in d.results[measure].values]
+    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([])
+    lo, hi = FIXED_RANGES.get(measure, (0.0, 0.0))
+    if finite.size:
+        lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()) * (1.0 if measure in FIXED_RANGES else 1.1))
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def curve_frame(data: ExplorerData, measure: str, others: Mapping[str, ExplorerData] | None = None,
+                label: str = "selected") -> pd.DataFrame:
+    """The per-layer curve's values: layer means of ``data`` (legend ``label``) and of each of
+    ``others`` (label → data of another checkpoint, same layers), tidy (label, layer, index, depth,
+    value); layers a measure skips are left out."""
+    rows = []
+    for name, d in [(label, data), *(others or {}).items()]:
+        if measure not in d.results:
+            continue
+        for layer, value in d.results[measure].layer_means().items():
+            if layer in data.layers:
+                rows.append({"label": name, "layer": layer, "index": data.layers.index(layer),
+                             "value": float(value)})
+    frame = pd.DataFrame(rows, columns=["label", "layer", "index", "value"])
+    frame["depth"] = frame["index"] / max(len(data.layers) - 1, 1)
+    return frame
+
+
+def plot_layer_curve(data: ExplorerData, measure: str, layer: str | None, canvas: Canvas | None = None,
+                     others: Mapping[str, ExplorerData] | None = None, label: str = "selected",
+                     ylim: tuple[float, float] | None = None) -> Canvas:
+    """Panel 1: the measure's layer means over the layers, the selected layer highlighted, with
+    the curves of ``others`` (checkpoint label → data: the "compare with" checkpoint, the
+    untrained one) on the same axis; the y range is :func:`y_range` of all of them unless given
+    (drawn by :func:`tmlib.plots.layer_curves`; layers the measure skips are left out; no layer
+    highlighted for ``layer=None``)."""
     data.check(layer=layer, measure=measure)
-    canvas = _canvas(canvas, (6.4, 3.6))
+    canvas = _canvas(canvas, PANEL, left=0.1, right=0.98, bottom=0.25, top=0.91)
     ax = canvas.subplots()
-    means = data.results[measure].layer_means()
-    count = len(data.layers)
-    frame = pd.DataFrame({"layer": list(means.index), "index": [data.layers.index(k) for k in means.index],
-                          "value": means.to_numpy(), "label": measure})
-    frame["depth"] = frame["index"] / max(count - 1, 1)
-    layer_curves(frame, ax=ax, ylabel=f"{measure} (mean over channels)", title=f"(1) {measure} per layer")
-    k = data.layers.index(layer)
-    ax.axvline(k, color="tab:red", alpha=0.5, linestyle="--")
-    ax.plot([k], [means[layer]], marker="o", markersize=11, color="tab:red", label=f"selected: {layer}")
-    ax.tick_params(axis="x", labelsize=8)
-    ax.title.set_fontsize(10)
-    ax.legend(fontsize=8)
+    frame = curve_frame(data, measure, others, label)
+    ylim = ylim or y_range(measure, [data, *(others or {}).values()])
+    layer_curves(frame, ax=ax, ylabel=f"{measure} (mean over channels)", ylim=ylim,
+                 title=f"(1) {measure} per layer")
+    if layer is not None:
+        k = data.layers.index(layer)
+        value = float(data.results[measure].layer_means()[layer])
+        ax.axvline(k, color="tab:red", alpha=0.5, linestyle="--")
+        ax.plot([k], [value], marker="o", markersize=9, color="tab:red", label=f"{layer}: {value:.3f}")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
     return canvas
 
 
-def plot_channel_heatmap(data: ExplorerData, measure: str, layer: str, canvas: Canvas | None = None,
-                         columns: int | None = None) -> Canvas:
-    """Panel 2: the layer's per-channel values sorted descending, read row by row (``columns``
-    cells per row, default a near-square grid); each cell is labelled with its channel index."""
+def plot_channel_values(data: ExplorerData, measure: str, layer: str, unit: int | None = None,
+                        canvas: Canvas | None = None, ylim: tuple[float, float] | None = None) -> Canvas:
+    """Panel 2: the layer's per-channel values as bars, sorted ascending (most invariant left; tick
+    label = channel index, up to 64 channels), on the curve's y range; channel ``unit`` drawn in
+    red and its value written above the bars."""
     values = data.values(measure, layer)
-    canvas = _canvas(canvas, (6.4, 3.6))
+    canvas = _canvas(canvas, PANEL, left=0.1, right=0.98, bottom=0.2, top=0.91)
     ax = canvas.subplots()
-    order = np.argsort(-np.where(np.isfinite(values), values, -np.inf), kind="stable")
-    c = len(values)
-    cols = min(c, columns or min(16, math.ceil(math.sqrt(c))))
-    rows = math.ceil(c / cols)
-    grid = np.full(rows * cols, np.nan)
-    grid[:c] = values[order]
-    image = ax.imshow(grid.reshape(rows, cols), cmap="viridis", aspect="auto")
-    if c <= 256:  # which channel each cell is; unreadable beyond that
-        middle = np.nanmean(values[np.isfinite(values)]) if np.isfinite(values).any() else 0.0
-        for i, channel in enumerate(order):
-            dark = not values[channel] > middle  # viridis is dark below the middle: white text there
-            ax.text(i % cols, i // cols, str(channel), ha="center", va="center", fontsize=8,
-                    color="white" if dark else "black")
-    ax.set_xticks(range(cols))
-    ax.set_yticks(range(rows), [f"{r * cols}" for r in range(rows)])
-    ax.set_xlabel("rank within row (cell text = channel index)")
-    ax.set_ylabel("rank of the row's first cell")
-    what = f"of its {c} channels, sorted descending" if data.per_channel(measure, layer) else "(one value per layer)"
-    ax.set_title(f"(2) {layer}: {measure} {what}", fontsize=10)
-    canvas.colorbar(image, ax=ax, label=f"{measure} (channel)")
+    per_channel = data.per_channel(measure, layer)
+    order = channel_order(data, measure, layer)
+    shown = values[order]
+    colors = ["tab:blue"] * len(order)
+    rank = None
+    if unit is not None and per_channel:
+        data.check(layer=layer, unit=unit)
+        rank = int(np.flatnonzero(order == unit)[0])
+        colors[rank] = "tab:red"
+    ax.bar(np.arange(len(order)), np.where(np.isfinite(shown), shown, 0.0), color=colors, width=0.85)
+    ax.set_ylim(*(ylim or y_range(measure, [data])))
+    if len(order) <= 32:
+        ax.set_xticks(range(len(order)), [str(c) for c in order] if per_channel else [layer], fontsize=7,
+                      rotation=90 if len(order) > 16 else 0)
+    else:
+        ax.set_xticks([])
+    ax.set_xlabel(("channel (sorted by value, lowest left)" if len(order) <= 32 else f"{len(order)} channels, sorted "
+                   "by value, lowest left") if per_channel else "one value per layer")
+    ax.set_ylabel(f"{measure} (channel)")
+    if rank is not None:
+        ax.annotate(f"ch {unit}: {values[unit]:.3f}", (rank, shown[rank]), xytext=(0, 6), textcoords="offset points",
+                    ha="left" if rank < len(order) / 2 else "right", fontsize=8, color="tab:red",
+                    bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "tab:red", "alpha": 0.9})
+    what = f"of its {len(values)} channels, sorted" if per_channel else "(one value per layer)"
+    marked = f"; channel {unit} = {values[unit]:.3f} (rank {rank + 1})" if rank is not None else ""
+    ax.set_title(f"(2) {layer}: {measure} {what}{marked}", fontsize=9)
     return canvas
 
 
-def plot_st_matrix(data: ExplorerData, layer: str, unit: int, canvas: Canvas | None = None) -> Canvas:
-    """Panel 3a: the ST matrix of one channel: spatial mean for sample × transformation."""
+#: The former name of :func:`plot_channel_values` (it drew a heatmap).
+plot_channel_heatmap = plot_channel_values
+
+
+def plot_st_matrix(data: ExplorerData, layer: str, unit: int, canvas: Canvas | None = None,
+                   measure: str | None = None) -> Canvas:
+    """Panel 3a: the ST matrix of one channel: spatial mean for sample × transformation (the
+    channel's value of ``measure`` in the title)."""
     st = data.st_matrix(layer, unit)
-    canvas = _canvas(canvas, (4.5, 4.0))
+    canvas = _canvas(canvas, PANEL, left=0.12, right=0.97, bottom=0.24, top=0.91)
     ax = canvas.subplots()
     image = ax.imshow(st, cmap="magma", aspect="auto", interpolation="nearest")
     labels = data.transformation_labels
-    step = max(1, math.ceil(len(labels) / 8))
-    ax.set_xticks(range(0, len(labels), step), labels[::step], rotation=60, ha="right", fontsize=7)
+    ticks = _columns(len(labels), 8)
+    ax.set_xticks(ticks, [labels[j] for j in ticks], rotation=60, ha="right", fontsize=7)
     ax.set_xlabel("transformation")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"sample (first {st.shape[0]} of {data.n_samples})")
-    ax.set_title(f"(3) ST matrix of {layer}, channel {unit}", fontsize=10)
+    value = ""
+    if measure is not None and data.per_channel(measure, layer):
+        value = f" ({measure} = {data.values(measure, layer)[unit]:.3f})"
+    ax.set_title(f"(3) ST matrix of {layer}, channel {unit}{value}", fontsize=9)
     canvas.colorbar(image, ax=ax, label="mean activation")
     return canvas
 
 
 def _columns(m: int, limit: int) -> list[int]:
-    """At most ``limit`` transformation indices, evenly spread over the m."""
-    if m <= limit:
-        return list(range(m))
-    return sorted({round(i * (m - 1) / (limit - 1)) for i in range(limit)})
+    """At most ``limit`` transformation indices at an even step (0, k, 2k, …: for 16 rotations
+    0°, 45°, 90°, …), so the parameters shown are evenly spaced within the set measured."""
+    return list(range(0, m, max(1, math.ceil(m / limit))))
 
 
 def plot_extreme_maps(data: ExplorerData, measure: str, layer: str, canvas: Canvas | None = None,
@@ -129,7 +200,9 @@ def plot_extreme_maps(data: ExplorerData, measure: str, layer: str, canvas: Canv
     maps = data.maps[layer]
     values = data.values(measure, layer) if data.per_channel(measure, layer) else np.full(data.channels(layer), np.nan)
     titles = _direction(measure)
-    canvas = _canvas(canvas, (6.4, 3.0))
+    spatial = data.maps[layer].ndim == 4
+    canvas = _canvas(canvas, PANEL, left=0.1 if spatial else 0.15, right=0.99, bottom=0.1 if spatial else 0.24,
+                     top=0.82 if spatial else 0.88, wspace=0.06, hspace=0.35)
     labels = data.transformation_labels
     if maps.ndim == 4:
         cols = _columns(maps.shape[0], limit)
@@ -151,22 +224,23 @@ def plot_extreme_maps(data: ExplorerData, measure: str, layer: str, canvas: Canv
         for channel, title in [(lowest, titles[0]), (highest, titles[1])]:
             ax.plot(maps[:, channel], marker="o", markersize=3,
                     label=f"unit {channel}, {title} = {values[channel]:.2f}")
-        step = max(1, math.ceil(len(labels) / 8))
-        ax.set_xticks(range(0, len(labels), step), labels[::step], rotation=60, ha="right", fontsize=7)
+        ticks = _columns(len(labels), 8)
+        ax.set_xticks(ticks, [labels[j] for j in ticks], rotation=60, ha="right", fontsize=7)
         ax.set_xlabel("transformation")
         ax.set_ylabel("activation")
         ax.legend(fontsize=7)
     what = "feature maps" if maps.ndim == 4 else "units"
-    canvas.suptitle(f"(3) {layer}: {what} of image {data.image} under the transformations", fontsize=10)
+    canvas.suptitle(f"(3) {layer}: {what} of image {data.image} under the transformations", fontsize=9)
     return canvas
 
 
-def plot_inputs(data: ExplorerData, canvas: Canvas | None = None, columns: int = 8) -> Canvas:
+def plot_inputs(data: ExplorerData, canvas: Canvas | None = None, columns: int = 16) -> Canvas:
     """Panel 4: the chosen image under every transformation (channels shown as grey or RGB)."""
     m = data.inputs.shape[0]
     cols = min(m, columns)
     rows = math.ceil(m / cols)
-    canvas = _canvas(canvas, (max(5.5, 1.0 * cols + 0.5), 1.1 * rows + 0.6))  # room for the title
+    canvas = _canvas(canvas, (2 * PANEL[0], 0.75 * rows + 0.5), left=0.01, right=0.99,  # a strip under the panels
+                     bottom=0.25 / (0.75 * rows + 0.5), top=1 - 0.3 / (0.75 * rows + 0.5), wspace=0.05)
     axes = canvas.subplots(rows, cols, squeeze=False)
     lo, hi = float(data.inputs.min()), float(data.inputs.max())
     for j, ax in enumerate(axes.flat):
@@ -182,30 +256,26 @@ def plot_inputs(data: ExplorerData, canvas: Canvas | None = None, columns: int =
     return canvas
 
 
-def explorer_figure(data: ExplorerData, measure: str, layer: str, unit: int = 0) -> Figure:
-    """All four panels on one figure (for the static export and the notebook's PNG)."""
+def explorer_figure(data: ExplorerData, measure: str, layer: str, unit: int = 0,
+                    others: Mapping[str, ExplorerData] | None = None, label: str = "selected",
+                    ylim: tuple[float, float] | None = None) -> Figure:
+    """The widget's view as one static figure (export, the notebook's PNG): the curve (with
+    ``others`` overlaid) and the channels on one row, the ST matrix of ``unit`` and the extreme
+    channels' maps on the next, the inputs below; panels 1 and 2 share the y range."""
     data.check(layer=layer, measure=measure, unit=unit)
-    fig = Figure(figsize=(15, 10.5), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.1])
-    curve, heat = top.subfigures(1, 2)
-    third, inputs = bottom.subfigures(1, 2, width_ratios=[1.25, 1])
-    st, extreme = third.subfigures(2, 1, height_ratios=[1.1, 1])
-    plot_layer_curve(data, measure, layer, curve)
-    plot_channel_heatmap(data, measure, layer, heat)
-    plot_st_matrix(data, layer, unit, st)
+    ylim = ylim or y_range(measure, [data, *(others or {}).values()])
+    m = len(data.inputs)
+    fig = Figure(figsize=(2 * PANEL[0], 2 * PANEL[1] + 0.4 + 1.2 * math.ceil(m / 16)), layout="constrained")
+    top, middle, bottom = fig.subfigures(3, 1, height_ratios=[PANEL[1], PANEL[1], 1.2 * math.ceil(m / 16)])
+    curve, channels = top.subfigures(1, 2)
+    st, extreme = middle.subfigures(1, 2)
+    plot_layer_curve(data, measure, layer, curve, others=others, label=label, ylim=ylim)
+    plot_channel_values(data, measure, layer, unit, channels, ylim=ylim)
+    plot_st_matrix(data, layer, unit, st, measure=measure)
     plot_extreme_maps(data, measure, layer, extreme)
-    plot_inputs(data, inputs, columns=min(8, math.ceil(math.sqrt(len(data.inputs)))))
+    plot_inputs(data, bottom, columns=16)
     if data.title:
-        fig.suptitle(data.title, fontsize=12)
-    return fig
-
-
-def panel_3(data: ExplorerData, measure: str, layer: str, unit: int) -> Figure:
-    """Panel 3 alone: the ST matrix of ``unit`` and the extreme channels' maps."""
-    fig = Figure(figsize=(6.6, 6.4), layout="constrained")
-    st, extreme = fig.subfigures(2, 1, height_ratios=[1.1, 1])
-    plot_st_matrix(data, layer, unit, st)
-    plot_extreme_maps(data, measure, layer, extreme)
+        fig.suptitle(data.title, fontsize=11)
     return fig
 
 

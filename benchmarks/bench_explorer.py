@@ -1,0 +1,103 @@
+"""How long does the layer explorer take to answer? The latencies a person waits for.
+
+Two SimpleConv checkpoints (untrained, seeds 0 and 1) on MNIST test images: the first selection (a
+pass for the checkpoint and one for the untrained baseline drawn beside it), then changes of layer,
+channel and measure (redraws only), a new transformation set (one more pass per checkpoint shown)
+and a cache hit (going back). Each change is timed by the wall clock from the widget's value
+being set to every panel updated. Median of ``--repeats`` over distinct selections: first views
+(rendered), then the same views again (from the explorer's PNG cache).
+
+Usage: python benchmarks/bench_explorer.py [--n 200] [--rotations 16] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tmlib import data, models, transforms, widgets
+
+
+def timed(action) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--rotations", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    x = data.load("mnist", "test", n=args.n)
+    checkpoints = {}
+    for seed, label in enumerate(["untrained", "other seed"]):
+        torch.manual_seed(seed)
+        checkpoints[label] = models.SimpleConv().eval()
+    sets = {f"rotation ({args.rotations})": transforms.rotations(args.rotations),
+            f"rotation ({args.rotations + 1})": transforms.rotations(args.rotations + 1)}
+    start = time.perf_counter()
+    explorer = widgets.Explorer(checkpoints, {"mnist": x}, sets, checkpoint="other seed", layer="conv2")
+    first = time.perf_counter() - start
+    layers = explorer.data.layers
+    print(f"{args.n} samples × {args.rotations} rotations, SimpleConv, {len(layers)} layers, "
+          f"{len(explorer.data.measures)} measures per pass")
+    print(f"first selection (2 passes: the checkpoint and the untrained baseline): {first:.2f} s; "
+          f"{explorer.status.value}")
+
+    rows = {"layer": [], "channel": [], "measure": []}
+    visits, start_layer = [], explorer.layer.value
+    for i in range(args.repeats):
+        layer = layers[(3 + 2 * i) % len(layers)]
+        unit = (explorer.unit.value + 1 + i) % (min(explorer.data.channels(layer), explorer.unit.max + 1))
+        offered = [m for m in explorer.data.measures_for(layer) if m != explorer.measure.value]
+        measure = offered[i % len(offered)]
+        visits.append((layer, unit, measure))
+        rows["layer"].append(timed(lambda layer=layer: explorer.select(layer=layer)))
+        rows["channel"].append(timed(lambda unit=unit: explorer.select(unit=unit)))
+        rows["measure"].append(timed(lambda measure=measure: explorer.select(measure=measure)))
+    explorer.select(layer=start_layer, measure="NV", unit=0)  # the same start …
+    again = {"layer": [], "channel": [], "measure": []}
+    for layer, unit, measure in visits:  # … and the same selections, in the same order
+        again["layer"].append(timed(lambda layer=layer: explorer.select(layer=layer)))
+        again["channel"].append(timed(lambda unit=unit: explorer.select(unit=unit)))
+        again["measure"].append(timed(lambda measure=measure: explorer.select(measure=measure)))
+    new_set = timed(lambda: setattr(explorer.transformation, "value", list(sets)[1]))
+    new_status = explorer.status.value
+    back = timed(lambda: setattr(explorer.transformation, "value", list(sets)[0]))
+    start = time.perf_counter()
+    one = widgets.compute(checkpoints["untrained"], x, sets[list(sets)[0]])
+    single = time.perf_counter() - start
+    for name, values in rows.items():
+        print(f"{name} change: median {statistics.median(values):.2f} s (of {', '.join(f'{v:.2f}' for v in values)}); "
+              f"seen before: median {statistics.median(again[name]):.3f} s")
+    print(f"new transformation set ({args.rotations + 1} rotations, 2 checkpoints): {new_set:.2f} s; {new_status}")
+    print(f"back to a cached set: {back:.2f} s; {explorer.status.value}")
+    print(f"one pass alone (widgets.compute, {args.n} × {args.rotations}, every measure): {single:.2f} s; "
+          f"{one.images_forwarded} images")
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        report = widgets.export_html(explorer.data, Path(folder) / "report.html", others=explorer.others,
+                                     label=explorer.checkpoint.value)
+        html = report.read_text()
+        sections = len(re.findall(r"<h2[^>]*>Layer <code>", html))
+        print(f"offline report: {time.perf_counter() - start:.1f} s, {report.stat().st_size / 1e6:.2f} MB, "
+              f"{sections} layer sections of {len(layers)} layers, {len(explorer.others) + 1} checkpoints")
+        explorer.export_dir = Path(folder)
+        start = time.perf_counter()
+        written = explorer.export()
+        print(f"export buttons (PNG + 2 CSV): {time.perf_counter() - start:.2f} s, "
+              + ", ".join(f"{path.name} {path.stat().st_size / 1e3:.0f} kB" for path in written))
+
+
+if __name__ == "__main__":
+    main()
