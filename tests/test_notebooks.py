@@ -127,9 +127,9 @@ def test_experiment_notebook(name, tmp_path):
         assert (tmp_path / "figures" / filename).stat().st_size > (1000 if filename.endswith(".png") else 150), filename
     summary = json.loads((tmp_path / "results" / "summaries" / f"quick-{name}.json").read_text())
     assert summary["key"]
-    if name == "12_explorer":  # the static report: one inline image per layer asked for, nothing remote
-        html = (tmp_path / "figures" / "12_explorer.html").read_text()
-        assert html.count('src="data:image/png;base64,') == len(SMALLEST[name]["report_layers"])
+    if name == "12_explorer":  # the static report: the overview of every measure, one image per layer
+        html = (tmp_path / "figures" / "12_explorer.html").read_text()  # asked for, the inputs; nothing remote
+        assert html.count('src="data:image/png;base64,') == len(SMALLEST[name]["report_layers"]) + 2
         assert "https://" not in html.split("<style")[0] and "<script src=" not in html
     if name in MEASUREMENT_CHECKS:
         MEASUREMENT_CHECKS[name](tmp_path / "figures")
