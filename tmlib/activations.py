@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .checks import check_module
+
 __all__ = ["leaf_modules", "LayerObserver", "observe", "record", "split_call_name"]
 
 Callback = Callable[[str, torch.Tensor], None]
@@ -62,8 +64,7 @@ class LayerObserver:
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None, callback: Callback, detach: bool = True,
                  skip_non_tensors: bool = False):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_module(model)
         self.model = model
         self.callback = callback
         self.detach = detach

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_images", "check_int", "check_real"]
+__all__ = ["check_images", "check_int", "check_module", "check_real", "check_transformation_set"]
 
 
 def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -53,3 +53,15 @@ def check_images(x: Any, name: str = "x", allow_empty: bool = True, batch: str =
     if not allow_empty and x.shape[0] == 0:
         raise ValueError(f"{name} must hold at least one image, got batch size 0")
     return x
+
+
+def check_module(model: Any, name: str = "model") -> None:
+    """TypeError unless ``model`` is a ``torch.nn.Module``."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def check_transformation_set(ts: Any, name: str = "ts") -> None:
+    """TypeError unless ``ts`` has what a pass uses of a transformation set: ``apply`` and ``len``."""
+    if not hasattr(ts, "apply") or not hasattr(ts, "__len__"):
+        raise TypeError(f"{name} must be a transformation set (tmlib.transforms), got {type(ts).__name__}")

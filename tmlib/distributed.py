@@ -46,9 +46,9 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from .adapters import default_fill, first_tensor, image_blocks, subset
+from .checks import check_module, check_transformation_set
 from .devices import resolve_device
 from .measures.base import Measure
 from .measures.collection import named_measures
@@ -299,10 +299,8 @@ def collect_across_ranks(run_part: Callable, run_references: Callable, check_blo
     named = named_measures(measures) if (isinstance(measures, Measure) or measures) else {}
 
     def prepare():
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not hasattr(ts, "apply") or not hasattr(ts, "__len__"):
-            raise TypeError(f"ts must be a transformation set (tmlib.transforms), got {type(ts).__name__}")
+        check_module(model)
+        check_transformation_set(ts)
         _, n = image_blocks(x, 1)
         check_blocks(blocks, n, list(named.values()))
         if any(s.reference_spec() is not None for s in statistics):

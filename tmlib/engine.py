@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import distributed as _distributed
 from .activations import LayerObserver
 from .adapters import default_fill, image_blocks
-from .checks import check_int
+from .checks import check_int, check_module, check_transformation_set
 from .devices import placed, resolve_device
 from .measures.base import LayerInfo, Measure, PassContext, StatSpec
 from .measures.collection import PassStates, named_measures
@@ -212,16 +212,14 @@ def _collect(model, x, ts, measures, layers, batch_size, device, fill, progress,
              blocked: bool | None = None) -> PassStates:
     """:func:`collect` in this process. A rank of a distributed pass gives its part of the samples
     with ``n_total`` (all samples), ``bounds`` (its blocks, local indices) and ``blocked``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module(model)
     listed = list(named_measures(measures).values()) if (isinstance(measures, Measure) or measures) else []
     statistics = list(statistics)
     if not listed and not statistics:
         raise TypeError("measures must be a Measure, a non-empty list of Measure objects or a dict name → Measure")
     if not all(isinstance(s, StatSpec) for s in statistics):
         raise TypeError("statistics must be StatSpec objects")
-    if not hasattr(ts, "apply") or not hasattr(ts, "__len__"):
-        raise TypeError(f"ts must be a transformation set (tmlib.transforms), got {type(ts).__name__}")
+    check_transformation_set(ts)
     m = len(ts)
     if m < 2:
         raise ValueError(f"ts: a transformation set of at least 2 transformations is needed, got m={m}")

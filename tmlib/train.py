@@ -36,7 +36,7 @@ from tmlib.stopping import EarlyStop, StopState
 from tmlib.transforms import TransformationSet
 
 from .adapters import dataset_tensors, default_fill
-from .checks import check_int, check_real
+from .checks import check_int, check_module, check_real
 from .devices import resolve_device
 from .files import atomic_save
 
@@ -60,11 +60,6 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 def _check_real(name: str, value: Any, *, positive: bool) -> float:
     return check_real(name, value, positive=positive)
-
-
-def _check_model(model: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def _check_dataset(dataset: Any) -> None:
@@ -98,7 +93,7 @@ def _check_hyperparameters(
     weight_decay: Any,
 ) -> tuple[int, int, int, float, float]:
     """Validate the arguments shared by :func:`train` and :func:`checkpoint_key`."""
-    _check_model(model)
+    check_module(model)
     _check_dataset(dataset)
     _check_transformations("augment", augment)
     return (
@@ -649,7 +644,7 @@ def accuracy(
         fill: background value for transformations (number or one per channel); None =
             ``dataset.fill`` if present, else 0.
     """
-    _check_model(model)
+    check_module(model)
     _check_dataset(dataset)
     _check_transformations("transformations", transformations)
     batch_size = _check_int("batch_size", batch_size, 1)
