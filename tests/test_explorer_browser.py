@@ -3,15 +3,18 @@
 JupyterLab runs on 127.0.0.1 on a free port with a random token, in a temporary folder holding a
 copy of notebooks/12_explorer.ipynb with its smallest parameters injected (papermill's
 parameterisation, no execution). Chromium opens it, runs all cells, waits for the explorer, changes
-the layer selector and checks that the heatmap's image changed (its bytes, not just its URL). A
-second copy whose last cell detaches the layer callback shows that the check catches a broken
-callback. Everything is shut down afterwards (the server's shutdown API, then its process group).
+the layer selector and checks that the panels' pixels changed (the ipympl canvases' images, not just
+a URL); then clicks the per-layer curve at a layer's point and a bar of the channel panel, and checks
+that the selectors followed and that hovering shows the values. A second copy whose last cell
+detaches the layer callback shows that the check catches a broken callback. Everything is shut down
+afterwards (the server's shutdown API, then its process group).
 
 Skipped only where Chromium (Debian's ``chromium``, /usr/bin/chromium) or Playwright is missing;
 ``.ci/run`` installs Chromium with apt-get. The screenshot of the explorer after the layer change
 is written to results/browser/12_explorer_browser.png (or $TMLIB_SCREENSHOT_DIR).
 """
 
+import hashlib
 import json
 import os
 import secrets
@@ -35,6 +38,20 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 PARAMETERS = {"n_train": 200, "epochs": 1, "n_samples": 20, "n_rotations": 4, "max_st_samples": 8,
               "report_layers": ["conv0"], "check_claims": False, "progress": False}
 DONE = "tmlib: explorer notebook done"  # printed by the notebook's last cell
+# Where a person would click: the point of layer conv1 on the curve, and the bar of rank 3 among
+# conv1's channels (the same drawing function on a figure of the canvas's size), as fractions of the
+# canvases; with the channel that bar stands for.
+POINTS = """import json
+from matplotlib.figure import Figure
+def _where(fig, ax, x, y):
+    px, py = ax.transData.transform((x, y))
+    return [px / fig.bbox.width, 1 - py / fig.bbox.height]
+_fig = explorer.curve.figure
+_k = explorer.data.layers.index("conv1")
+_curve = _where(_fig, _fig.axes[0], _k, float(explorer.data.results["NV"].layer_means()["conv1"]))
+_bars = widgets.plot_channel_values(explorer.data, "NV", "conv1", 0, Figure(figsize=explorer.heatmap.figure.get_size_inches()))
+_order = widgets.channel_order(explorer.data, "NV", "conv1")
+print("POINTS", json.dumps({"curve": _curve, "bar": _where(_bars, _bars.axes[0], 3, 0.05), "channel": int(_order[3])}))"""
 BREAK_CALLBACK = ('explorer.layer.unobserve(explorer._on_layer, names="value")\n'
                   'print("layer callback detached")')
 
@@ -137,7 +154,7 @@ def lab(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lab")
     shared = {"data_root": str(ROOT / "data"), "models_dir": str(folder / "models"),
               "figures_dir": str(folder / "figures"), "results_dir": str(folder / "results")}
-    _write_notebook(folder, "explorer.ipynb", {**PARAMETERS, **shared})
+    _write_notebook(folder, "explorer.ipynb", {**PARAMETERS, **shared}, extra_cell=POINTS)
     _write_notebook(folder, "broken.ipynb", {**PARAMETERS, **shared}, extra_cell=BREAK_CALLBACK)
     server = Lab(folder)
     try:
@@ -161,13 +178,6 @@ def page(lab):
             browser.close()
 
 
-DIGEST = """async (img) => {
-  const bytes = await (await fetch(img.src)).arrayBuffer();
-  const hash = await crypto.subtle.digest("SHA-256", bytes);
-  return Array.from(new Uint8Array(hash), b => b.toString(16).padStart(2, "0")).join("");
-}"""
-
-
 def _run_all(page, lab, notebook: str) -> None:
     """Open ``notebook`` in a fresh workspace, run all cells, wait for the last cell's output."""
     page.goto(lab.url(notebook, notebook.split(".")[0]))
@@ -186,32 +196,55 @@ def _run_all(page, lab, notebook: str) -> None:
     page.wait_for_function(
         f"Array.from(document.querySelectorAll('.jp-OutputArea-output')).some(e => e.textContent.includes({json.dumps(DONE)}))",
         timeout=240_000)
-    heatmap = page.locator(".tmlib-explorer .tmlib-heatmap")
-    heatmap.wait_for(timeout=30_000)
-    page.wait_for_function("el => el.complete && el.naturalWidth > 100", arg=heatmap.element_handle(),
-                           timeout=30_000)
+    for css in CANVASES:
+        page.wait_for_function("el => el && el.toDataURL().length > 5000",
+                               arg=page.locator(f".tmlib-explorer .{css} canvas").first.element_handle(),
+                               timeout=30_000)
 
 
-REDRAWN = """([images, old]) => images.every((el, i) => el.src !== old[i] && el.complete && el.naturalWidth > 100)"""
+CANVASES = ("tmlib-curve", "tmlib-heatmap", "tmlib-st")  # ipympl canvases; maps and inputs are images
+PIXELS = "el => el.toDataURL()"  # what the canvas shows (its first <canvas> holds the figure's image)
 
 
-def _change_layer(page, layer: str, timeout_ms: int) -> tuple[str, str, str, str]:
+def _pixels(page, css: str) -> str:
+    return page.locator(f".tmlib-explorer .{css} canvas").first.evaluate(PIXELS)
+
+
+def _wait_redrawn(page, old: dict[str, str], timeout_ms: int) -> bool:
+    """Wait until every canvas of ``old`` (css → its pixels then) shows other pixels."""
+    handles = [page.locator(f".tmlib-explorer .{css} canvas").first.element_handle() for css in old]
+    try:
+        page.wait_for_function("([els, old]) => els.every((el, i) => el.toDataURL() !== old[i])",
+                               arg=[handles, list(old.values())], timeout=timeout_ms)
+        return True
+    except playwright.TimeoutError:
+        return False  # the caller decides: for a broken callback this is the expected outcome
+
+
+def _change_layer(page, layer: str, timeout_ms: int) -> tuple[str, str, bool]:
     """Select ``layer`` in the explorer and wait until panels 1–3 are redrawn;
-    → (old src, new src, old image digest, new image digest) of the heatmap."""
-    heatmap = page.locator(".tmlib-explorer .tmlib-heatmap")
-    panels = [page.locator(f".tmlib-explorer .{css}").element_handle() for css in ("tmlib-curve", "tmlib-st")]
+    → (old digest, new digest of the channel panel's pixels, whether all three were redrawn)."""
     selector = page.locator(".tmlib-explorer .tmlib-layer select")
     assert selector.input_value() != layer
-    before, before_digest = heatmap.get_attribute("src"), heatmap.evaluate(DIGEST)
-    old = [panel.get_attribute("src") for panel in panels]
+    old = {css: _pixels(page, css) for css in CANVASES}
     selector.select_option(label=layer)
-    try:
-        page.wait_for_function(REDRAWN, arg=[[heatmap.element_handle(), *panels], [before, *old]],
-                               timeout=timeout_ms)
-    except playwright.TimeoutError:
-        pass  # the caller decides: for a broken callback this is the expected outcome
-    after = heatmap.get_attribute("src")
-    return before, after, before_digest, heatmap.evaluate(DIGEST)
+    redrawn = _wait_redrawn(page, old, timeout_ms)
+    return _digest(old["tmlib-heatmap"]), _digest(_pixels(page, "tmlib-heatmap")), redrawn
+
+
+def _digest(pixels: str) -> str:
+    return hashlib.sha256(pixels.encode()).hexdigest()
+
+
+def _click(page, css: str, fraction: list[float], hover_only: bool = False) -> None:
+    """Click (or only move the pointer) at ``fraction`` (x, y from the top-left) of a canvas."""
+    canvas = page.locator(f".tmlib-explorer .{css} canvas").first
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    x, y = box["x"] + fraction[0] * box["width"], box["y"] + fraction[1] * box["height"]
+    page.mouse.move(x, y)
+    if not hover_only:
+        page.mouse.click(x, y)
 
 
 def _screenshot_path() -> Path:
@@ -225,12 +258,32 @@ def test_layer_selector_redraws_the_heatmap_in_jupyterlab(lab, page):
     _run_all(page, lab, "explorer.ipynb")
     selector = page.locator(".tmlib-explorer .tmlib-layer select")
     assert selector.input_value() == "conv2"  # the notebook's starting layer
-    options = selector.locator("option").all_inner_texts()
+    options = [t.strip() for t in selector.locator("option").all_text_contents()]
     assert options[:3] == ["conv0", "act0", "conv1"] and options[-1] == "fc1" and len(options) == 15
-    before, after, old, new = _change_layer(page, "fc0", timeout_ms=60_000)
-    assert before.startswith("blob:") and after != before, "the heatmap was not redrawn"
-    assert new != old, "the heatmap's image did not change"
+    old, new, redrawn = _change_layer(page, "fc0", timeout_ms=60_000)
+    assert redrawn and new != old, "the panels were not redrawn"
     assert selector.input_value() == "fc0"
+    # The plots drive the selection: a click at conv1's point of the curve chooses conv1 …
+    page.wait_for_function(
+        "Array.from(document.querySelectorAll('.jp-OutputArea-output')).some(e => e.textContent.includes('POINTS {'))",
+        timeout=60_000)
+    text = next(t for t in page.locator(".jp-OutputArea-output").all_inner_texts() if "POINTS {" in t)
+    points = json.loads(text[text.index("POINTS {") + 7:].strip())
+    before = {css: _pixels(page, css) for css in CANVASES}
+    _click(page, "tmlib-curve", points["curve"])
+    page.wait_for_function("el => el.value === 'conv1'", arg=selector.element_handle(), timeout=30_000)
+    assert _wait_redrawn(page, before, 30_000), "a click on the curve did not redraw the panels"
+    # … hovering says what is under the pointer (the layer means of the checkpoints drawn) …
+    _click(page, "tmlib-curve", points["curve"], hover_only=True)
+    footer = page.locator(".tmlib-explorer .tmlib-curve .jupyter-matplotlib-footer")
+    page.wait_for_function("el => el.textContent.startsWith('conv1: ')", arg=footer.element_handle(),
+                           timeout=30_000)
+    assert "rotation augmentation" in footer.inner_text() and "untrained" in footer.inner_text()
+    # … and a click on a bar of the channel panel chooses that channel.
+    unit = page.locator(".tmlib-explorer .tmlib-unit .widget-readout")
+    _click(page, "tmlib-heatmap", points["bar"])
+    page.wait_for_function(f"el => el.textContent.trim() === '{points['channel']}'", arg=unit.element_handle(),
+                           timeout=30_000)
     # The compare overlay is there (the notebook compares with the rotation-augmented checkpoint),
     # the status says what was computed, and no progress bar stays up when idle.
     assert page.locator(".tmlib-explorer .tmlib-compare select").input_value() == "rotation augmentation"
@@ -238,14 +291,17 @@ def test_layer_selector_redraws_the_heatmap_in_jupyterlab(lab, page):
     assert status.startswith(("computed ", "from cache")), status
     assert not page.locator(".tmlib-explorer .tmlib-progress").is_visible()
     # The five panels are there and drawn.
-    for css in ("tmlib-curve", "tmlib-heatmap", "tmlib-st", "tmlib-maps", "tmlib-inputs"):
+    for css in CANVASES:
+        size = page.locator(f".tmlib-explorer .{css} canvas").first.evaluate("el => [el.width, el.height]")
+        assert min(size) > 100, (css, size)
+    for css in ("tmlib-maps", "tmlib-inputs"):
         size = page.locator(f".tmlib-explorer .{css}").evaluate("el => [el.naturalWidth, el.naturalHeight]")
         assert min(size) > 100, (css, size)
     # The export button writes the view's PNG into the notebook's figures_dir and says where.
     page.locator(".tmlib-explorer .tmlib-save-png").click()
     saved = page.locator(".tmlib-explorer .tmlib-saved")
     page.wait_for_function("el => el.textContent.includes('wrote')", arg=saved.element_handle(), timeout=60_000)
-    written = sorted((lab.folder / "figures").glob("explorer_*_fc0_ch*.png"))
+    written = sorted((lab.folder / "figures").glob(f"explorer_*_conv1_ch{points['channel']}.png"))
     assert len(written) == 1 and written[0].read_bytes()[:4] == b"\x89PNG" and written[0].name in saved.inner_text()
     # At 1440 × 900 the explorer fits: its controls and its panels in view together.
     page.set_viewport_size({"width": 1440, "height": 900})
@@ -253,14 +309,15 @@ def test_layer_selector_redraws_the_heatmap_in_jupyterlab(lab, page):
     explorer.evaluate("el => el.scrollIntoView({block: 'start'})")
     page.wait_for_timeout(500)
     box = explorer.bounding_box()
-    assert box["height"] <= 800 and box["width"] <= 1440, box
+    notebook = page.locator(".jp-NotebookPanel-notebook").first.bounding_box()  # beside the open file browser
+    assert box["height"] <= 800 and box["x"] + box["width"] <= notebook["x"] + notebook["width"], (box, notebook)
     for css in ("tmlib-layer", "tmlib-unit", "tmlib-curve", "tmlib-maps"):
         part = page.locator(f".tmlib-explorer .{css}").bounding_box()
         assert part["y"] >= 0 and part["y"] + part["height"] <= 900, (css, part)
     path = _screenshot_path()
     explorer.screenshot(path=str(path))
     assert path.stat().st_size > 50_000
-    print(f"browser check: heatmap digest {old[:12]} → {new[:12]}; screenshot {path}; "
+    print(f"browser check: channel panel digest {old[:12]} → {new[:12]}; screenshot {path}; "
           f"{time.monotonic() - start:.0f} s")
 
 
@@ -268,5 +325,5 @@ def test_a_broken_layer_callback_is_caught(lab, page):
     """The same check against a notebook whose layer callback is detached must see no redraw."""
     _run_all(page, lab, "broken.ipynb")
     assert page.locator(".jp-OutputArea-output", has_text="layer callback detached").count() == 1
-    before, after, old, new = _change_layer(page, "fc0", timeout_ms=8_000)
-    assert after == before and new == old, "a detached callback cannot redraw the heatmap"
+    old, new, redrawn = _change_layer(page, "fc0", timeout_ms=8_000)
+    assert not redrawn and new == old, "a detached callback cannot redraw the panels"

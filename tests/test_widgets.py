@@ -2,6 +2,7 @@
 
 import copy
 import re
+import threading
 
 import harness
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 from conftest import CountingModel
 from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
 
 from tmlib import transforms, widgets
 from tmlib.measures import GEEDInvariance, NormalizedVariance, NormalizedVarianceSE, evaluate
@@ -154,24 +156,31 @@ def test_explorer_redraws_from_the_cache_without_forwards(setup):
     assert explorer.progress.layout.visibility == "hidden"  # idle: no "computing" bar
     assert re.fullmatch(r"computed tiny in \d+\.\d s: 10 samples × 4 transformations, 40 images .*",
                         explorer.status.value)
-    before = {w: getattr(explorer, w).value for w in ("curve", "heatmap", "st", "maps", "inputs")}
+    panels = ("curve", "heatmap", "st", "maps", "inputs")
+    before = {name: explorer.panel_png(name) for name in panels}
     assert all(len(v) > 1000 for v in before.values())
 
     explorer.layer.value = "inner.3"  # the layer selector's callback redraws panels 1–3
     assert model.images == N * M
     assert explorer.unit.max == 5
-    assert explorer.heatmap.value != before["heatmap"] and explorer.curve.value != before["curve"]
-    assert explorer.st.value != before["st"] and explorer.inputs.value == before["inputs"]
-    assert explorer.maps.value != before["maps"]
-    assert explorer.heatmap.value == widgets.figure_png(widgets.plot_channel_values(
-        explorer.data, "NV", "inner.3", explorer.unit.value, ylim=explorer.ylim()))
+    now = {name: explorer.panel_png(name) for name in panels}
+    assert all(now[name] != before[name] for name in ("curve", "heatmap", "st", "maps"))
+    assert now["inputs"] == before["inputs"]
+    # A canvas shows what the static panel function draws (the same function, the same margins).
+    size = explorer.curve.figure.get_size_inches()
+    assert now["heatmap"] == widgets.figure_png(widgets.plot_channel_values(
+        explorer.data, "NV", "inner.3", explorer.unit.value, Figure(figsize=size), ylim=explorer.ylim()))
+    assert now["curve"] == widgets.figure_png(widgets.plot_layer_curve(
+        explorer.data, "NV", "inner.3", Figure(figsize=size), label="tiny", ylim=explorer.ylim()))
 
-    heatmap, curve, maps = explorer.heatmap.value, explorer.curve.value, explorer.maps.value
     explorer.select(unit=4)  # a unit redraws its marked bar and its ST matrix only
-    assert explorer.heatmap.value != heatmap and explorer.unit.value == 4
-    assert explorer.curve.value == curve and explorer.maps.value == maps
+    after = {name: explorer.panel_png(name) for name in panels}
+    assert after["heatmap"] != now["heatmap"] and after["st"] != now["st"] and explorer.unit.value == 4
+    assert after["curve"] == now["curve"] and after["maps"] == now["maps"]
     explorer.select(measure="TV")
-    assert explorer.heatmap.value != heatmap and model.images == N * M
+    assert explorer.panel_png("heatmap") != after["heatmap"] and model.images == N * M
+    with pytest.raises(ValueError, match="name: one of"):
+        explorer.panel_png("nope")
     with pytest.raises(ValueError, match="layer: unknown layer name"):
         explorer.select(layer="conv9")
 
@@ -243,8 +252,9 @@ def test_explorer_measure_menu_follows_the_layer(setup):
     explorer.select(layer="inner.6")  # DSES is not defined there: the menu falls back to its first entry
     assert list(explorer.measure.options) == ["NV", "TV", "SV", "GEED-inv"] and explorer.measure.value == "NV"
     explorer.select(measure="GEED-inv")
-    assert explorer.heatmap.value == widgets.figure_png(widgets.plot_channel_values(
-        explorer.data, "GEED-inv", "inner.6", explorer.unit.value, ylim=explorer.ylim()))
+    assert explorer.panel_png("heatmap") == widgets.figure_png(widgets.plot_channel_values(
+        explorer.data, "GEED-inv", "inner.6", explorer.unit.value, Figure(figsize=explorer.heatmap.figure.get_size_inches()),
+        ylim=explorer.ylim()))
     with pytest.raises(ValueError, match="not defined for layer 'inner.6'"):
         explorer.select(measure="NVSE")
     assert model.images == before  # menus and redraws: no forward
@@ -310,8 +320,8 @@ def test_marked_channel_and_its_value(explored):
     red = [i for i, p in enumerate(ax.patches) if p.get_facecolor() == pytest.approx(to_rgba("tab:red"))]
     assert red == [rank] and ax.patches[rank].get_height() == pytest.approx(values[unit])
     (note,) = ax.texts
-    assert note.get_text() == f"ch {unit}: {values[unit]:.3f}" and note.xy == (rank, pytest.approx(values[unit]))
-    assert ax.get_title().endswith(f"channel {unit} = {values[unit]:.3f} (rank {rank + 1})")
+    assert note.get_text() == f"ch {unit}: {values[unit]:.3f}, rank {rank + 1}"
+    assert note.xy == (rank, pytest.approx(values[unit])) and ax.get_title().startswith(f"(2) {layer}: NV of its")
 
 
 def test_transformations_are_shown_at_evenly_spaced_parameters(small_cnn):
@@ -397,15 +407,140 @@ def test_a_view_seen_before_is_not_drawn_again(setup, monkeypatch):
     model, x, ts = setup
     explorer = widgets.Explorer({"tiny": model}, {"random": x}, {"r": ts}, n_samples=N, max_st_samples=ST,
                                 layer="inner.0")
-    first = {name: getattr(explorer, name).value for name in ("curve", "heatmap", "st", "maps")}
+    first = explorer.maps.value
     explorer.select(layer="inner.3")
-    drawn = []
+    drawn, redrawn = [], []
     monkeypatch.setattr("tmlib.widgets.explorer.figure_png", lambda fig: drawn.append(fig) or b"new")
-    explorer.select(layer="inner.0")  # back: every panel from the PNG cache, none rendered
-    assert drawn == [] and {name: getattr(explorer, name).value for name in first} == first
-    explorer.select(unit=1)  # a new channel: its bar and ST matrix are rendered, nothing else
-    assert len(drawn) == 2 and explorer.heatmap.value == explorer.st.value == b"new"
-    assert explorer.curve.value == first["curve"]
-    monkeypatch.setattr("tmlib.widgets.explorer.PNG_CACHE", 3)
-    explorer.select(unit=2)
-    assert len(explorer._pngs) == 3  # bounded
+    for name in ("curve", "heatmap", "st"):
+        monkeypatch.setattr(getattr(explorer, name), "draw_idle", lambda name=name: redrawn.append(name))
+    explorer.select(layer="inner.0")  # back: the maps from the PNG cache; the canvases drawn anew
+    assert drawn == [] and explorer.maps.value == first and sorted(redrawn) == ["curve", "heatmap", "st"]
+    redrawn.clear()
+    explorer.select(unit=1)  # a new channel: its bar and its ST matrix, nothing else
+    assert drawn == [] and sorted(redrawn) == ["heatmap", "st"]
+    redrawn.clear()
+    explorer.select(unit=1)  # the same view: nothing drawn
+    assert drawn == [] and redrawn == []
+    monkeypatch.setattr("tmlib.widgets.explorer.PNG_CACHE", 1)
+    explorer.select(layer="inner.1")
+    explorer.select(layer="inner.2")
+    assert len(drawn) == 2 and len(explorer._pngs) == 1  # bounded
+
+
+def _point(canvas, x: float, y: float, kind: str = "button_press") -> None:
+    """What JupyterLab's ipympl view sends for a click (or a hover) at data point (x, y) of the
+    panel's axes: figure pixels, y from the top."""
+    px, py = canvas.figure.axes[0].transData.transform((x, y))
+    canvas._handle_message(None, {"type": kind, "x": px, "y": canvas.figure.bbox.height - py, "button": 0,
+                                  "buttons": 1 if kind == "button_press" else 0, "guiEvent": {},
+                                  "modifiers": []}, [])
+
+
+def test_clicks_on_the_plots_choose_the_layer_and_the_channel(two_checkpoints):
+    models, x, ts = two_checkpoints
+    explorer = widgets.Explorer({label: models[label] for label in ("untrained", "trained")}, {"random": x},
+                                {"rot": ts}, n_samples=N, max_st_samples=ST, layer="inner.0", checkpoint="trained")
+    data = explorer.data
+    assert explorer.layer.value != "inner.3" and data.layers.index("inner.3") == 3
+    _point(explorer.curve, 3.3, 0.5)  # nearest point: layer 3
+    assert explorer.layer.value == "inner.3" and "inner.3" in explorer.heatmap.figure.axes[0].get_title()
+    _point(explorer.curve, 3.3, 0.5, "motion_notify")  # hover: the layer means of both checkpoints drawn
+    means = [f"{float(d.results['NV'].layer_means()['inner.3']):.3f}" for d in (data, *explorer.others.values())]
+    assert explorer.curve._message.startswith("inner.3: trained ")
+    assert all(mean in explorer.curve._message for mean in means) and len(explorer.others) == 1
+
+    order = widgets.channel_order(data, "NV", "inner.3")
+    chosen = int(order[2]) if int(order[2]) != explorer.unit.value else int(order[3])
+    rank = int(np.flatnonzero(order == chosen)[0])
+    _point(explorer.heatmap, rank + 0.2, 0.1)  # a click on the bar at that rank
+    assert explorer.unit.value == chosen and f"channel {chosen}" in explorer.st.figure.axes[0].get_title()
+    _point(explorer.heatmap, rank, 0.1, "motion_notify")
+    value = data.values("NV", "inner.3")[chosen]
+    assert explorer.heatmap._message == f"channel {chosen}: NV = {value:.4g}, rank {rank + 1} of 6"
+    _point(explorer.st, 2, 1, "motion_notify")  # the ST cell under the pointer
+    cell = data.st_matrix("inner.3", chosen)[1, 2]
+    assert explorer.st._message == f"sample 1, {data.transformation_labels[2]}: mean activation {cell:.4g}"
+
+    before = (explorer.layer.value, explorer.unit.value)
+    _point(explorer.curve, -3.0, 0.5)  # outside the axes: nothing chosen
+    _point(explorer.heatmap, -3.0, 0.1)
+    assert (explorer.layer.value, explorer.unit.value) == before
+    # The curve's points are the layers the measure has: a click by a linear layer, for a
+    # same-equivariance measure, chooses the nearest layer with feature maps.
+    assert widgets.layer_at(data, "NVSE", 6.0) == "inner.4" and widgets.layer_at(data, "NV", 6.0) == "inner.6"
+    assert widgets.layer_at(data, "NV", None) is None and widgets.channel_at(data, "GEED-inv", "inner.3", 0) is None
+    assert widgets.channel_at(data, "NV", "inner.3", 9.0) is None
+
+
+class _Gated(torch.nn.Module):
+    """A model whose forwards wait until the test lets them go: a pass that is still running."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.entered, self.go = inner, threading.Event(), threading.Event()
+
+    def forward(self, x):
+        self.entered.set()
+        assert self.go.wait(30), "the test never released the forward"
+        return self.inner(x)
+
+
+def test_a_background_pass_can_be_cancelled_and_keeps_the_view(two_checkpoints):
+    models, x, ts = two_checkpoints
+    gated = _Gated(models["trained"].inner)
+    gated.go.set()
+    explorer = widgets.Explorer({"trained": models["trained"], "gated": gated}, {"random": x},
+                                {"rot": ts, "rot3": transforms.rotations(3)}, n_samples=N, max_st_samples=ST,
+                                layer="inner.3", baseline=None, background=True, batch_size=3)
+    explorer.checkpoint.value = "gated"  # set by code: computed in this thread, seen by the next line
+    assert explorer.worker is None and explorer.data.title.startswith("gated") and len(explorer.cache) == 2
+    shown, curve = explorer.data, explorer.panel_png("curve")
+    assert explorer.cancel.layout.display == "none"
+
+    gated.go.clear()
+    gated.entered.clear()
+    explorer.transformation.set_state({"index": 1})  # what JupyterLab sends: the pass runs in a thread
+    assert gated.entered.wait(30) and explorer.worker.is_alive()
+    assert explorer.checkpoint.disabled and explorer.layer.disabled and explorer.cancel.layout.display is None
+    assert explorer.status.value.startswith("computing gated · random · rot3")
+    explorer.cancel.click()  # what the button does in JupyterLab
+    gated.go.set()
+    explorer.worker.join(30)
+    assert not explorer.worker.is_alive()
+    # Stopped at the end of the block: the previous view and its selection, nothing cached.
+    assert explorer.status.value.startswith("cancelled after 3 of 10 samples"), explorer.status.value
+    assert explorer.transformation.value == "rot" and explorer.data is shown
+    assert explorer.panel_png("curve") == curve and len(explorer.cache) == 2
+    assert not explorer.checkpoint.disabled and explorer.cancel.layout.display == "none"
+
+    explorer.transformation.set_state({"index": 1})  # again, not cancelled: it finishes and is shown
+    explorer.worker.join(60)
+    assert explorer.transformation.value == "rot3" and explorer.data.transformation_labels == ["0°", "120°", "240°"]
+    assert explorer.status.value.startswith("computed gated in ") and not explorer.layer.disabled
+    assert len(explorer.cache) == 3
+
+
+def test_a_failing_background_pass_says_why(two_checkpoints):
+    models, x, ts = two_checkpoints
+
+    def broken(images):
+        raise RuntimeError("out of memory (pretend)")
+
+    explorer = widgets.Explorer({"trained": models["trained"], "broken": broken_module(broken)}, {"random": x},
+                                {"rot": ts}, n_samples=N, max_st_samples=ST, baseline=None, background=True)
+    explorer.checkpoint.set_state({"index": 1})
+    explorer.worker.join(30)
+    assert "failed: RuntimeError: out of memory (pretend)" in explorer.status.value
+    assert explorer.checkpoint.value == "trained" and not explorer.checkpoint.disabled
+
+
+def broken_module(function):
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            return function(self.conv(x))
+
+    return Broken()

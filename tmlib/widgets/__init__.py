@@ -9,6 +9,8 @@ Split along its seams, each part usable on its own:
 * :mod:`~tmlib.widgets.figures` — the panels as matplotlib figures (no pyplot);
 * :mod:`~tmlib.widgets.export` — :func:`export_html`, an offline HTML report, and :func:`save_view`,
   the export buttons' PNG and CSV files;
+* :mod:`~tmlib.widgets.pointing` — what a click or a hover over a panel means (:func:`layer_at`,
+  :func:`channel_at`, the hover texts) and the ipympl canvases they are connected to;
 * :mod:`~tmlib.widgets.explorer` — :class:`Explorer`, the widget.
 """
 
@@ -28,6 +30,7 @@ from .figures import (
     plot_st_matrix,
     y_range,
 )
+from .pointing import channel_at, interactive_canvas, layer_at
 
 __all__ = [
     "FIXED_RANGES",
@@ -35,6 +38,7 @@ __all__ = [
     "Explorer",
     "ExplorerCache",
     "ExplorerData",
+    "channel_at",
     "channel_frame",
     "channel_order",
     "compute",
@@ -42,6 +46,8 @@ __all__ = [
     "explorer_figure",
     "export_html",
     "figure_png",
+    "interactive_canvas",
+    "layer_at",
     "plot_channel_heatmap",
     "plot_channel_values",
     "plot_extreme_maps",

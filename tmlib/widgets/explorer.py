@@ -2,21 +2,24 @@
 
 A left column of controls (checkpoint, "compare with" checkpoint, dataset, transformation set,
 measure, layer, channel, progress, status, export buttons) beside the figures of
-:mod:`tmlib.widgets.figures`, rendered as PNG ``Image`` widgets with stable CSS classes
-(``tmlib-explorer``, ``tmlib-layer``, ``tmlib-unit``, ``tmlib-compare``, ``tmlib-curve``,
-``tmlib-heatmap`` (the channel panel), ``tmlib-st``, ``tmlib-maps``, ``tmlib-inputs``,
-``tmlib-save-png``, ``tmlib-save-csv``) for browser tests. The measure dropdown offers the measures
-defined for the selected layer (same-equivariance on feature maps only, for instance). Every
-change first computes what it needs (a pass, or nothing), then renders every panel that changed,
-then updates them together.
+:mod:`tmlib.widgets.figures`, with stable CSS classes (``tmlib-explorer``, ``tmlib-layer``,
+``tmlib-unit``, ``tmlib-compare``, ``tmlib-curve``, ``tmlib-heatmap`` (the channel panel),
+``tmlib-st``, ``tmlib-maps``, ``tmlib-inputs``, ``tmlib-save-png``, ``tmlib-save-csv``) for browser
+tests. The measure dropdown offers the measures defined for the selected layer (same-equivariance
+on feature maps only, for instance). Every change first computes what it needs (a pass, or
+nothing), then renders every panel that changed, then updates them together.
 
-The plots are static PNGs: clicking them selects nothing. An interactive backend (ipympl, plotly)
-was left out: it adds a JupyterLab extension to pin and test offline, and the dropdowns and the
-slider already drive every selection.
+The plots drive the selection: the per-layer curve, the channel bars and the ST matrix are ipympl
+canvases (:mod:`tmlib.widgets.pointing`): a click on the curve chooses the nearest layer, a click
+on a bar chooses that channel, and the footer under each says what is under the pointer (layer
+means of every checkpoint drawn, a channel's value and rank, an ST cell). The extreme channels'
+maps and the inputs, where there is nothing to choose, are PNG images kept in a cache by what they
+show, so revisiting a view renders them not again.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -38,11 +41,25 @@ from .figures import (
     plot_st_matrix,
     y_range,
 )
+from .pointing import channel_at, channel_text, curve_text, interactive_canvas, layer_at, st_text
 
-__all__ = ["Explorer"]
+__all__ = ["Explorer", "PassCancelled"]
 
 NONE = "(none)"
-PNG_CACHE = 256  # panels' PNGs kept (a few MB): revisiting a layer, channel or measure is instant
+PNG_CACHE = 256  # the image panels' PNGs kept (a few MB): revisiting a layer or measure is instant
+CANVASES = ("curve", "heatmap", "st")  # the panels one points at (ipympl canvases)
+#: Size (inches, at pointing.CANVAS_DPI) of a panel on screen: the 290-px controls and two 344-px
+#: columns (990 px) fit beside JupyterLab's open file browser in a 1440-px window.
+SCREEN_PANEL = (4.3, 2.55)
+IMAGES = ("maps", "inputs")  # the panels shown as PNG images
+
+
+class PassCancelled(Exception):
+    """Raised inside a pass (at the end of a block) when the cancel button was pressed."""
+
+
+#: The selectors whose change needs a pass (the others only redraw).
+SELECTORS = ("checkpoint", "compare", "dataset", "transformation")
 
 
 def _image_widget(css: str):
@@ -72,9 +89,16 @@ class Explorer:
             "untrained"; None for none).
         export_dir: where the export buttons write (default ``figures``).
         compute: compute the first selection right away (otherwise call :meth:`compute`).
+        background: run the passes that a selection made in the browser starts in a thread, so that
+            the kernel stays free for the cancel button (default). A selector set by code
+            (``explorer.checkpoint.value = …``), :meth:`compute` and the first selection run in
+            the caller's thread: the next line of a notebook sees their result.
+        batch_size: samples per block of the passes (default: the engine's, 256 images a
+            forward); a cancel takes effect at the end of the block running.
 
     Changing the checkpoint, compare checkpoint, dataset or transformation set computes (once per
-    combination, with a progress bar); changing the measure, layer or unit only redraws.
+    combination, with a progress bar and a cancel button; a cancelled pass leaves the previous
+    view and selection); changing the measure, layer or unit only redraws.
     """
 
     def __init__(
@@ -96,6 +120,8 @@ class Explorer:
         compare: str | None = None,
         baseline: str | None = "auto",
         export_dir: str | Path = "figures",
+        background: bool = True,
+        batch_size: int | None = None,
     ) -> None:
         import ipywidgets as w
 
@@ -117,6 +143,7 @@ class Explorer:
         self.datasets = self._as_mapping(datasets, "datasets")
         self.transformations = self._as_mapping(transformations, "transformations")
         self.n_samples, self.seed, self.image, self.max_st_samples = n_samples, seed, image, max_st_samples
+        self.batch_size = batch_size
         self.data_root, self.models_dir, self.export_dir = data_root, models_dir, Path(export_dir)
         self.cache = cache if cache is not None else ExplorerCache()
         self.data: ExplorerData | None = None
@@ -124,11 +151,16 @@ class Explorer:
         self.timings: dict[str, float] = {}  # what the last update took: "pass …", "draw"
         self._loaded: dict[str, nn.Module] = {}
         self._pngs: OrderedDict[tuple, bytes] = OrderedDict()
+        self._drawn: dict[str, tuple] = {}  # canvas → what it shows now (not redrawn for the same view)
         self._initial_layer = layer
         self._quiet = False  # set while the explorer itself moves selectors: one redraw, not several
+        self.background = bool(background)
+        self._cancel = threading.Event()
+        self.worker: threading.Thread | None = None  # the background pass running now, if any
+        self._shown: dict[str, Any] = {}  # the selectors' values of the view on screen (reverted to on cancel)
 
         full = w.Layout(width="100%")
-        style = {"description_width": "104px"}
+        style = {"description_width": "110px"}
         self.checkpoint = w.Dropdown(options=list(self.models), value=checkpoint or next(iter(self.models)),
                                      description="checkpoint", style=style, layout=full)
         self.compare = w.Dropdown(options=[NONE, *self.models], value=compare or NONE, description="compare with",
@@ -143,35 +175,43 @@ class Explorer:
         self.progress = w.IntProgress(value=0, min=0, max=1, description="computing", style=style,
                                       layout=w.Layout(width="100%", visibility="hidden"))
         self.status = w.HTML(layout=full)
+        self.cancel = w.Button(description="cancel", icon="stop", tooltip="stop the pass; keep the view shown",
+                               button_style="warning", layout=w.Layout(width="100%", display="none"))
         self.save_png = w.Button(description="save PNG", icon="image", tooltip="the view as a PNG file",
                                  layout=w.Layout(width="48%"))
         self.save_csv = w.Button(description="save CSV", icon="table", tooltip="the view's values as CSV files",
                                  layout=w.Layout(width="48%"))
         self.saved = w.HTML(layout=full)
-        self.curve, self.heatmap = _image_widget("tmlib-curve"), _image_widget("tmlib-heatmap")
-        self.st, self.maps = _image_widget("tmlib-st"), _image_widget("tmlib-maps")
-        self.inputs = _image_widget("tmlib-inputs")
+        self.curve, self.heatmap, self.st = (interactive_canvas(f"tmlib-{name}", SCREEN_PANEL) for name in CANVASES)
+        self.maps, self.inputs = _image_widget("tmlib-maps"), _image_widget("tmlib-inputs")
+        self.curve.mpl_connect("button_press_event", self._on_curve_click)
+        self.heatmap.mpl_connect("button_press_event", self._on_channel_click)
         for widget, css in [(self.layer, "tmlib-layer"), (self.unit, "tmlib-unit"), (self.measure, "tmlib-measure"),
                             (self.compare, "tmlib-compare"), (self.checkpoint, "tmlib-checkpoint"),
                             (self.progress, "tmlib-progress"), (self.status, "tmlib-status"),
+                            (self.cancel, "tmlib-cancel"),
                             (self.save_png, "tmlib-save-png"), (self.save_csv, "tmlib-save-csv"),
                             (self.saved, "tmlib-saved")]:
             widget.add_class(css)
         controls = w.VBox([self.checkpoint, self.compare, self.dataset, self.transformation, self.measure,
-                           self.layer, self.unit, self.progress, self.status,
+                           self.layer, self.unit, self.progress, self.cancel, self.status,
                            w.HBox([self.save_png, self.save_csv], layout=w.Layout(justify_content="space-between")),
-                           self.saved], layout=w.Layout(width="300px", min_width="300px", margin="0 8px 0 0"))
+                           self.saved], layout=w.Layout(width="290px", min_width="290px", margin="0 8px 0 0"))
+        column = round(SCREEN_PANEL[0] * self.curve.figure.dpi)  # the canvases' width: the images take the same
+        for canvas in (self.curve, self.heatmap, self.st):  # a long hover text is cut, not spilt on the next panel
+            canvas.layout = w.Layout(width=f"{column}px", overflow="hidden")
         grid = w.GridBox([self.curve, self.heatmap, self.st, self.maps],
-                         layout=w.Layout(grid_template_columns="repeat(2, minmax(0, 1fr))", grid_gap="4px"))
-        panels = w.VBox([grid, self.inputs], layout=w.Layout(flex="1 1 auto", max_width="1060px", min_width="0"))
+                         layout=w.Layout(grid_template_columns=f"repeat(2, {column}px)", grid_gap="4px"))
+        panels = w.VBox([grid, self.inputs], layout=w.Layout(width=f"{2 * column + 4}px", min_width="0"))
         self.widget = w.HBox([controls, panels], layout=w.Layout(width="100%", align_items="flex-start"))
         self.widget.add_class("tmlib-explorer")
 
-        for selector in (self.checkpoint, self.compare, self.dataset, self.transformation):
-            selector.observe(self._on_selection, names="value")
+        for name in SELECTORS:
+            getattr(self, name).observe(self._on_selection, names="value")
         self.measure.observe(self._on_layer, names="value")
         self.layer.observe(self._on_layer, names="value")
         self.unit.observe(self._on_unit, names="value")
+        self.cancel.on_click(lambda _: self._cancel.set())
         self.save_png.on_click(lambda _: self.export(("png",)))
         self.save_csv.on_click(lambda _: self.export(("csv",)))
         if compute:
@@ -228,6 +268,8 @@ class Explorer:
 
     # -- computing and drawing ------------------------------------------------------------------
     def _report(self, done: int, total: int) -> None:
+        if self._cancel.is_set():
+            raise PassCancelled(f"cancelled after {done} of {total} samples")
         self.progress.max = total
         self.progress.value = done
 
@@ -246,7 +288,7 @@ class Explorer:
             measures, unavailable = applicable_measures(self.measure_names, ts)
             data = self.cache.get(key, lambda: compute(
                 self._model(checkpoint), self._samples(dataset), ts, measures=measures, image=self.image,
-                max_st_samples=self.max_st_samples, on_progress=self._report,
+                max_st_samples=self.max_st_samples, on_progress=self._report, batch_size=self.batch_size,
                 title=f"{checkpoint} | measured on {dataset}, {transformation}"))
             data.metadata["unavailable"] = unavailable
         finally:
@@ -256,10 +298,14 @@ class Explorer:
 
     def compute(self) -> ExplorerData:
         """Compute (or take from the cache) the current selection and the checkpoints drawn beside
-        it, then draw every panel and say in the status what was computed and how long it took."""
+        it, then draw every panel and say in the status what was computed and how long it took.
+        Nothing on screen changes until every pass it needs has finished."""
         self.timings = {}
-        self.data = self._get(self.checkpoint.value)
-        self.others = {label: self._get(label) for label in self.overlays()}
+        self._cancel.clear()
+        data = self._get(self.checkpoint.value)
+        others = {label: self._get(label) for label in self.overlays()}
+        self.data, self.others = data, others
+        self._shown = {name: getattr(self, name).value for name in SELECTORS}
         passes = [f"{name[5:]} in {seconds:.1f} s" for name, seconds in self.timings.items()]
         how = ("computed " + ", ".join(passes)) if passes else "from cache"
         self.status.value = (f"{how}: {self.data.n_samples} samples × {len(self.data.transformation_labels)} "
@@ -276,7 +322,46 @@ class Explorer:
         return self.data
 
     def _on_selection(self, change: dict | None = None) -> None:
-        self.compute()
+        if self._quiet:
+            return
+        # ipywidgets holds a widget's _property_lock while it applies a state the browser sent:
+        # that is how a person's choice is told from a line of code setting the value.
+        from_browser = bool(change and getattr(change.get("owner"), "_property_lock", None))
+        if not (self.background and from_browser):
+            self.compute()
+            return
+        self.worker = threading.Thread(target=self._compute_in_background, name="tmlib-explorer-pass", daemon=True)
+        self._busy(True)
+        self.worker.start()
+
+    def _busy(self, busy: bool) -> None:
+        """While a background pass runs: the selectors locked (the panels keep showing the
+        previous view), the cancel button shown."""
+        for name in SELECTORS + ("measure", "layer", "unit"):
+            getattr(self, name).disabled = busy
+        self.cancel.layout.display = None if busy else "none"
+
+    def _compute_in_background(self) -> None:
+        start = time.perf_counter()
+        try:
+            self.compute()
+        except PassCancelled as stop:
+            self._revert()
+            self.status.value = (f"{stop} ({time.perf_counter() - start:.1f} s): showing the previous view")
+        except Exception as error:  # shown, not lost in a thread: the view and selection stay as they were
+            self._revert()
+            self.status.value = f'<span style="color: #b00">failed: {type(error).__name__}: {error}</span>'
+        finally:
+            self._busy(False)
+
+    def _revert(self) -> None:
+        """Set the selectors back to the view on screen, without computing."""
+        self._quiet = True
+        try:
+            for name, value in self._shown.items():
+                getattr(self, name).value = value
+        finally:
+            self._quiet = False
 
     def ylim(self) -> tuple[float, float]:
         """The y range of panels 1 and 2: :func:`~tmlib.widgets.figures.y_range` of the measure
@@ -284,9 +369,9 @@ class Explorer:
         return y_range(self.measure.value, [self.data, *self.others.values()])
 
     def _draw(self, panels: Sequence[str]) -> None:
-        """Render ``panels`` (names of the image widgets), then update them all at once. Each PNG
-        is kept by what it shows (the last :data:`PNG_CACHE` of them): a view seen before is not
-        drawn again."""
+        """Draw ``panels`` (names of the panel widgets), then update them all at once. A canvas
+        showing the same view already is left alone; each image panel's PNG is kept by what it
+        shows (the last :data:`PNG_CACHE` of them): a view seen before is not drawn again."""
         start = time.perf_counter()
         d, measure, layer, unit = self.data, self.measure.value, self.layer.value, self.unit.value
         ylim = self.ylim()
@@ -294,25 +379,66 @@ class Explorer:
         depends = {"curve": (measure, layer, ylim), "heatmap": (measure, layer, unit, ylim),
                    "st": (measure, layer, unit), "maps": (measure, layer), "inputs": ()}
         make = {
-            "curve": lambda: plot_layer_curve(d, measure, layer, others=self.others, label=self.checkpoint.value,
-                                              ylim=ylim),
-            "heatmap": lambda: plot_channel_values(d, measure, layer, unit, ylim=ylim),
-            "st": lambda: plot_st_matrix(d, layer, unit, measure=measure),
+            "curve": lambda fig=None: plot_layer_curve(d, measure, layer, fig, others=self.others,
+                                                       label=self.checkpoint.value, ylim=ylim),
+            "heatmap": lambda fig=None: plot_channel_values(d, measure, layer, unit, fig, ylim=ylim),
+            "st": lambda fig=None: plot_st_matrix(d, layer, unit, fig, measure=measure),
             "maps": lambda: plot_extreme_maps(d, measure, layer),
             "inputs": lambda: plot_inputs(d),
         }
-        pngs = {}
+        hover = {
+            "curve": lambda: curve_text(d, measure, self.others, self.checkpoint.value),
+            "heatmap": lambda: channel_text(d, measure, layer),
+            "st": lambda: st_text(d, layer, unit),
+        }
+        pngs, redrawn = {}, []
         for name in panels:
             key = (name, *shown, *depends[name])
+            if name in CANVASES:
+                if self._drawn.get(name) != key:
+                    canvas = getattr(self, name)
+                    canvas.figure.clear()
+                    make[name](canvas.figure)
+                    axes = canvas.figure.axes[0]  # the panel's own axes (a colorbar comes after it)
+                    axes.format_coord = hover[name]()
+                    for image in axes.images:
+                        image.set_mouseover(False)  # the hover text says the value (not "[0.31]" too)
+                    self._drawn[name] = key
+                    redrawn.append(canvas)
+                continue
             if key not in self._pngs:
                 self._pngs[key] = figure_png(make[name]())
                 while len(self._pngs) > PNG_CACHE:
                     self._pngs.popitem(last=False)
             self._pngs.move_to_end(key)
             pngs[name] = self._pngs[key]
+        for canvas in redrawn:
+            canvas.draw_idle()  # the browser asks for the new image; all of them within one round trip
         for name, png in pngs.items():
             getattr(self, name).value = png
         self.timings["draw"] = time.perf_counter() - start
+
+    def panel_png(self, name: str) -> bytes:
+        """PNG bytes of what panel ``name`` shows now (a canvas's figure rendered, an image's value)."""
+        if name not in (*CANVASES, *IMAGES):
+            raise ValueError(f"name: one of {[*CANVASES, *IMAGES]}, got {name!r}")
+        return figure_png(getattr(self, name).figure) if name in CANVASES else getattr(self, name).value
+
+    def _on_curve_click(self, event) -> None:
+        """A click on the curve chooses the layer of the nearest point (the layer selector follows)."""
+        if self.data is None or event.inaxes is not self.curve.figure.axes[0]:
+            return
+        layer = layer_at(self.data, self.measure.value, event.xdata)
+        if layer is not None and layer != self.layer.value:
+            self.layer.value = layer
+
+    def _on_channel_click(self, event) -> None:
+        """A click on a bar chooses its channel (the channel slider follows)."""
+        if self.data is None or event.inaxes is not self.heatmap.figure.axes[0]:
+            return
+        channel = channel_at(self.data, self.measure.value, self.layer.value, event.xdata)
+        if channel is not None and channel != self.unit.value:
+            self.unit.value = channel
 
     def _on_layer(self, change: dict | None = None, inputs: bool = False) -> None:
         """A new layer or measure: redraw panels 1–3 (no forward). The measure dropdown offers

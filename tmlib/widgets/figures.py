@@ -40,12 +40,27 @@ PANEL = (5.6, 3.0)
 def _canvas(canvas: Canvas | None, size: tuple[float, float], **margins: float) -> Canvas:
     """``canvas``, or a new figure of ``size`` with fixed ``margins`` (subplot parameters): a
     constrained layout would look the same but costs a layout solve per draw, 2–3× the time of a
-    panel's redraw."""
+    panel's redraw. A figure of another size given as ``canvas`` (the explorer's on-screen panels)
+    gets the same margins in inches, so tick labels and titles keep their room."""
     if canvas is not None:
+        if isinstance(canvas, Figure) and canvas.get_layout_engine() is None:
+            canvas.subplots_adjust(**_margins_for(canvas.get_size_inches(), size, margins))
         return canvas
     fig = Figure(figsize=size)
     fig.subplots_adjust(**margins)
     return fig
+
+
+def _margins_for(actual, designed: tuple[float, float], margins: dict[str, float]) -> dict[str, float]:
+    """``margins`` (fractions of a ``designed``-size figure) as fractions of an ``actual``-size one."""
+    (w, h), (dw, dh) = actual, designed
+    scaled = dict(margins)
+    for name, full, design, low in (("left", w, dw, True), ("right", w, dw, False),
+                                    ("bottom", h, dh, True), ("top", h, dh, False)):
+        if name in margins:
+            inches = margins[name] * design if low else (1 - margins[name]) * design
+            scaled[name] = min(inches / full, 0.45) if low else max(1 - inches / full, 0.55)
+    return scaled
 
 
 def _direction(measure: str) -> tuple[str, str]:
@@ -124,7 +139,7 @@ def plot_channel_values(data: ExplorerData, measure: str, layer: str, unit: int 
     label = channel index, up to 64 channels), on the curve's y range; channel ``unit`` drawn in
     red and its value written above the bars."""
     values = data.values(measure, layer)
-    canvas = _canvas(canvas, PANEL, left=0.1, right=0.98, bottom=0.2, top=0.91)
+    canvas = _canvas(canvas, PANEL, left=0.125, right=0.98, bottom=0.2, top=0.91)
     ax = canvas.subplots()
     per_channel = data.per_channel(measure, layer)
     order = channel_order(data, measure, layer)
@@ -146,12 +161,11 @@ def plot_channel_values(data: ExplorerData, measure: str, layer: str, unit: int 
                    "by value, lowest left") if per_channel else "one value per layer")
     ax.set_ylabel(f"{measure} (channel)")
     if rank is not None:
-        ax.annotate(f"ch {unit}: {values[unit]:.3f}", (rank, shown[rank]), xytext=(0, 6), textcoords="offset points",
+        ax.annotate(f"ch {unit}: {values[unit]:.3f}, rank {rank + 1}", (rank, shown[rank]), xytext=(0, 6), textcoords="offset points",
                     ha="left" if rank < len(order) / 2 else "right", fontsize=8, color="tab:red",
                     bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "tab:red", "alpha": 0.9})
     what = f"of its {len(values)} channels, sorted" if per_channel else "(one value per layer)"
-    marked = f"; channel {unit} = {values[unit]:.3f} (rank {rank + 1})" if rank is not None else ""
-    ax.set_title(f"(2) {layer}: {measure} {what}{marked}", fontsize=9)
+    ax.set_title(f"(2) {layer}: {measure} {what}", fontsize=9)  # the marked channel: its note
     return canvas
 
 
@@ -164,7 +178,7 @@ def plot_st_matrix(data: ExplorerData, layer: str, unit: int, canvas: Canvas | N
     """Panel 3a: the ST matrix of one channel: spatial mean for sample × transformation (the
     channel's value of ``measure`` in the title)."""
     st = data.st_matrix(layer, unit)
-    canvas = _canvas(canvas, PANEL, left=0.12, right=0.97, bottom=0.24, top=0.91)
+    canvas = _canvas(canvas, PANEL, left=0.12, right=0.92, bottom=0.24, top=0.91)
     ax = canvas.subplots()
     image = ax.imshow(st, cmap="magma", aspect="auto", interpolation="nearest")
     labels = data.transformation_labels
