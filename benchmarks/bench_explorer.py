@@ -4,8 +4,11 @@ Two SimpleConv checkpoints (untrained, seeds 0 and 1) on MNIST test images: the 
 pass for the checkpoint and one for the untrained baseline drawn beside it), then changes of layer,
 channel and measure (redraws only), a new transformation set (one more pass per checkpoint shown)
 and a cache hit (going back). Each change is timed by the wall clock from the widget's value
-being set to every panel updated. Median of ``--repeats`` over distinct selections: first views
-(rendered), then the same views again (from the explorer's PNG cache).
+being set to every panel updated: the kernel's work and the rendering of the ipympl canvases it
+redrew (what the browser asks for next; the transfer and the browser's paint are not counted).
+Median of ``--repeats`` over distinct selections: first views, then the same views again (the
+image panels from the explorer's PNG cache; the canvases are drawn anew). Then where a pass's time
+goes: the bare forwards of the same n·m images, and a pass of each measure alone.
 
 Usage: python benchmarks/bench_explorer.py [--n 200] [--rotations 16] [--repeats 3]
 """
@@ -23,10 +26,15 @@ import torch
 
 from tmlib import data, models, transforms, widgets
 
+CANVASES: list = []  # the explorer's canvases, rendered after each action as the browser would ask
+
 
 def timed(action) -> float:
     start = time.perf_counter()
     action()
+    for canvas in CANVASES:
+        if canvas.figure.stale:
+            canvas.draw()
     return time.perf_counter() - start
 
 
@@ -48,6 +56,9 @@ def main() -> None:
     start = time.perf_counter()
     explorer = widgets.Explorer(checkpoints, {"mnist": x}, sets, checkpoint="other seed", layer="conv2")
     first = time.perf_counter() - start
+    for canvas in (explorer.curve, explorer.heatmap, explorer.st):
+        canvas.syncing_data_url = False  # as once JupyterLab shows it: images go to the browser only
+        CANVASES.append(canvas)
     layers = explorer.data.layers
     print(f"{args.n} samples × {args.rotations} rotations, SimpleConv, {len(layers)} layers, "
           f"{len(explorer.data.measures)} measures per pass")
@@ -77,6 +88,19 @@ def main() -> None:
     start = time.perf_counter()
     one = widgets.compute(checkpoints["untrained"], x, sets[list(sets)[0]])
     single = time.perf_counter() - start
+    ts = sets[list(sets)[0]]
+    images = widgets.data.images_of(x)
+    model = checkpoints["untrained"]
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, args.n, 16):
+            block = images[i : i + 16]
+            model(ts.apply(block).reshape(-1, *block.shape[1:]))
+    bare = time.perf_counter() - start
+    alone = {}
+    for name in widgets.MEASURES:
+        measures, _ = widgets.data.applicable_measures([name], ts)
+        alone[name] = timed(lambda measures=measures: widgets.compute(model, x, ts, measures=measures))
     for name, values in rows.items():
         print(f"{name} change: median {statistics.median(values):.2f} s (of {', '.join(f'{v:.2f}' for v in values)}); "
               f"seen before: median {statistics.median(again[name]):.3f} s")
@@ -84,6 +108,9 @@ def main() -> None:
     print(f"back to a cached set: {back:.2f} s; {explorer.status.value}")
     print(f"one pass alone (widgets.compute, {args.n} × {args.rotations}, every measure): {single:.2f} s; "
           f"{one.images_forwarded} images")
+    print(f"  the bare forwards of those images (warped, blocks of 16 samples, no_grad): {bare:.2f} s")
+    print("  a pass of one measure (and the pictures): "
+          + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in alone.items()))
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         report = widgets.export_html(explorer.data, Path(folder) / "report.html", others=explorer.others,

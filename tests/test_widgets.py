@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from tmlib import transforms, widgets
 from tmlib.measures import GEEDInvariance, NormalizedVariance, NormalizedVarianceSE, evaluate
+from tmlib.widgets.explorer import FIRST as FIRST_MEASURES
 
 N, M, ST, IMAGE = 10, 4, 6, 7  # image 7 lies in the third block of 3 samples
 
@@ -126,12 +127,17 @@ def test_panel_figures_have_labelled_axes_and_the_right_data(explored):
     np.testing.assert_array_equal(ax.images[0].get_array(), data.st_matrix(layer, 2))
 
     maps = widgets.plot_extreme_maps(data, "NV", layer)
-    assert len(maps.axes) == 2 * M
+    assert len(maps.axes) == 2  # one row of maps side by side per channel
     order = widgets.channel_order(data, "NV", layer)
-    np.testing.assert_array_equal(maps.axes[0].images[0].get_array(), data.maps[layer][0, order[0]])
-    np.testing.assert_array_equal(maps.axes[M].images[0].get_array(), data.maps[layer][0, order[-1]])
+    width = data.maps[layer].shape[-1]
+    for row, channel in enumerate([order[0], order[-1]]):
+        strip = maps.axes[row].images[0].get_array()
+        for j in range(M):  # map j, then a blank column
+            np.testing.assert_array_equal(strip[:, j * (width + 1) : j * (width + 1) + width],
+                                          data.maps[layer][j, channel])
+        assert np.ma.getmaskarray(strip)[:, width :: width + 1].all() or np.isnan(strip[:, width :: width + 1]).all()
     assert maps.axes[0].get_title(loc="left") == "most invariant (lowest NV)"
-    assert [a.get_xlabel() for a in maps.axes[M:]] == data.transformation_labels
+    assert [t.get_text() for t in maps.axes[1].get_xticklabels()] == data.transformation_labels
     dense = widgets.plot_extreme_maps(data, "NV", "inner.6")  # a linear layer: one line per unit
     assert len(dense.axes) == 1 and len(dense.axes[0].lines) == 2
 
@@ -139,7 +145,7 @@ def test_panel_figures_have_labelled_axes_and_the_right_data(explored):
     assert [a.get_xlabel() for a in inputs.axes[:M]] == data.transformation_labels
 
     full = widgets.explorer_figure(data, "NV", layer, 2)
-    assert len(full.axes) == 1 + 1 + 2 + 2 * M + M and all(x or y for x, y in _labels(full)[:1])
+    assert len(full.axes) == 1 + 1 + 2 + 2 + M and all(x or y for x, y in _labels(full)[:1])
     png = widgets.figure_png(full)
     again = widgets.figure_png(widgets.explorer_figure(data, "NV", layer, 2))
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == again  # deterministic: same data, same bytes
@@ -233,7 +239,7 @@ def test_every_family_that_applies_to_the_layer_is_offered(explored, setup):
     assert heat.axes[0].patches[0].get_facecolor() == pytest.approx(to_rgba("tab:blue"))
     maps = widgets.plot_extreme_maps(data, "GEED-inv", "inner.3")  # channels ordered by NV instead
     order = widgets.channel_order(data, "NV", "inner.3")
-    np.testing.assert_array_equal(maps.axes[0].images[0].get_array(), data.maps["inner.3"][0, order[0]])
+    np.testing.assert_array_equal(maps.axes[0].images[0].get_array()[:, :4], data.maps["inner.3"][0, order[0]])
     # A set without the identity: the measures that need it are not offered, and say why.
     no_identity = transforms.rotations(4).subset([1, 2, 3])
     partial = widgets.compute(model, x, no_identity, max_st_samples=ST, batch_size=3)
@@ -329,12 +335,12 @@ def test_transformations_are_shown_at_evenly_spaced_parameters(small_cnn):
     x = torch.randn(4, 1, 8, 8)
     data = widgets.compute(small_cnn, x, transforms.rotations(16), max_st_samples=2)
     maps = widgets.plot_extreme_maps(data, "NV", "0")
-    shown = [a.get_xlabel() for a in maps.axes[len(maps.axes) // 2:]]
+    shown = [t.get_text() for t in maps.axes[-1].get_xticklabels()]
     assert shown == ["0°", "45°", "90°", "135°", "180°", "225°", "270°", "315°"]
     (ax, _) = widgets.plot_st_matrix(data, "0", 0).axes
     assert [t.get_text() for t in ax.get_xticklabels()] == shown
     odd = widgets.compute(small_cnn, x, transforms.rotations(18), max_st_samples=2)
-    labels = [a.get_xlabel() for a in widgets.plot_extreme_maps(odd, "NV", "0").axes[6:]]
+    labels = [t.get_text() for t in widgets.plot_extreme_maps(odd, "NV", "0").axes[-1].get_xticklabels()]
     assert labels == ["0°", "60°", "120°", "180°", "240°", "300°"]  # every third of 18: evenly spaced
 
 
@@ -544,3 +550,43 @@ def broken_module(function):
             return function(self.conv(x))
 
     return Broken()
+
+
+def test_a_browser_selection_shows_the_view_first_then_the_rest(two_checkpoints):
+    models, x, ts = two_checkpoints
+    gated = _Gated(models["third"].inner)
+    gated.go.set()
+    explorer = widgets.Explorer({"untrained": models["untrained"], "trained": models["trained"], "gated": gated},
+                                {"random": x}, {"rot": ts, "rot3": transforms.rotations(3)}, n_samples=N,
+                                max_st_samples=ST, layer="inner.3", checkpoint="trained", compare="gated",
+                                batch_size=5)
+    assert set(explorer.data.measures) == set(widgets.MEASURES) and explorer.cache.computations == 3
+    gated.go.clear()
+    gated.entered.clear()
+    explorer.transformation.set_state({"index": 1})  # from the browser: the selected checkpoint first …
+    assert gated.entered.wait(30)  # … the overlay's pass has started: the view of rot3 is already shown
+    assert explorer.data.transformation_labels == ["0°", "120°", "240°"] and explorer.transformation.value == "rot3"
+    assert explorer.data.measures == list(FIRST_MEASURES) and explorer.others == {}
+    assert not explorer.layer.disabled and explorer.checkpoint.disabled  # browsing while the rest is computed
+    explorer.select(layer="inner.0")
+    explorer.cancel.click()
+    gated.go.set()
+    explorer.worker.join(30)
+    # Cancelled in the second step: the new view stays, with what was computed; the rest can follow.
+    assert explorer.transformation.value == "rot3" and explorer.layer.value == "inner.0"
+    assert "cancelled after 5 of 10 samples: the rest not computed" in explorer.status.value
+    assert explorer.data.measures == list(FIRST_MEASURES) and not explorer.checkpoint.disabled
+
+    explorer.transformation.set_state({"index": 0})  # back (cached) and forward again: now to the end
+    explorer.worker.join(30)
+    explorer.transformation.set_state({"index": 1})
+    explorer.worker.join(60)
+    assert set(explorer.data.measures) == set(widgets.MEASURES) and set(explorer.others) == {"gated", "untrained"}
+    assert all(set(d.measures) == set(widgets.MEASURES) for d in explorer.others.values())
+    assert list(explorer.measure.options) == explorer.data.measures_for("inner.0")
+    # The measures of two passes equal those of one.
+    whole = widgets.compute(models["trained"], x, transforms.rotations(3), max_st_samples=ST)
+    for name in widgets.MEASURES:
+        for layer in whole.results[name].values:
+            np.testing.assert_allclose(explorer.data.values(name, layer), whole.values(name, layer), rtol=1e-12)
+    assert explorer.status.value.startswith("computed ") and "computing" not in explorer.status.value

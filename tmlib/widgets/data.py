@@ -181,6 +181,15 @@ class ExplorerData:
     def measures(self) -> list[str]:
         return list(self.results)
 
+    def extend(self, other: ExplorerData) -> ExplorerData:
+        """Add the measures of ``other`` (a later pass of the same model, samples and set) to these."""
+        if other.layers != self.layers or other.n_samples != self.n_samples:
+            raise ValueError("other: a pass over other layers or samples cannot extend this one")
+        self.results.update(other.results)
+        self.images_forwarded += other.images_forwarded
+        self.metadata.setdefault("unavailable", {}).update(other.metadata.get("unavailable", {}))
+        return self
+
     def measures_for(self, layer: str) -> list[str]:
         """The measures that have values for ``layer``, in :attr:`measures` order."""
         self.check(layer=layer)
@@ -324,6 +333,10 @@ class ExplorerCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def peek(self, key: Hashable) -> ExplorerData | None:
+        """The cached data for ``key``, or None (nothing computed)."""
+        return self._items.get(key)
 
     def get(self, key: Hashable, make: Callable[[], ExplorerData]) -> ExplorerData:
         """The cached data for ``key``, computing it with ``make()`` the first time."""

@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,10 @@ class PassCancelled(Exception):
     """Raised inside a pass (at the end of a block) when the cancel button was pressed."""
 
 
+#: The measures a pass started in the browser computes first (one moments state and G-EED's: a
+#: pass costs about the bare forwards); the others (same-equivariance, DSES, latent G-EED: 2–5×
+#: the forwards) follow in a second pass, after the view is shown.
+FIRST = ("NV", "TV", "SV", "GEED-inv")
 #: The selectors whose change needs a pass (the others only redraw).
 SELECTORS = ("checkpoint", "compare", "dataset", "transformation")
 
@@ -156,6 +161,7 @@ class Explorer:
         self._quiet = False  # set while the explorer itself moves selectors: one redraw, not several
         self.background = bool(background)
         self._cancel = threading.Event()
+        self._lock = threading.RLock()  # drawing vs. a background pass adding to the data drawn
         self.worker: threading.Thread | None = None  # the background pass running now, if any
         self._shown: dict[str, Any] = {}  # the selectors' values of the view on screen (reverted to on cancel)
 
@@ -184,6 +190,8 @@ class Explorer:
         self.saved = w.HTML(layout=full)
         self.curve, self.heatmap, self.st = (interactive_canvas(f"tmlib-{name}", SCREEN_PANEL) for name in CANVASES)
         self.maps, self.inputs = _image_widget("tmlib-maps"), _image_widget("tmlib-inputs")
+        for canvas in (self.curve, self.heatmap, self.st):  # rendered (on the browser's request) under the lock
+            canvas.draw = self._locked(canvas.draw)
         self.curve.mpl_connect("button_press_event", self._on_curve_click)
         self.heatmap.mpl_connect("button_press_event", self._on_channel_click)
         for widget, css in [(self.layer, "tmlib-layer"), (self.unit, "tmlib-unit"), (self.measure, "tmlib-measure"),
@@ -216,6 +224,15 @@ class Explorer:
         self.save_csv.on_click(lambda _: self.export(("csv",)))
         if compute:
             self.compute()
+
+    def _locked(self, function):
+        """``function`` run under the explorer's lock: matplotlib figures are not thread-safe."""
+
+        def run(*args, **kwargs):
+            with self._lock:
+                return function(*args, **kwargs)
+
+        return run
 
     @staticmethod
     def _as_mapping(items: Sequence[str] | Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -273,43 +290,61 @@ class Explorer:
         self.progress.max = total
         self.progress.value = done
 
-    def _get(self, checkpoint: str) -> ExplorerData:
-        """The data of ``checkpoint`` on the current dataset and set: from the cache, or one pass
-        (timed into :attr:`timings`, the progress bar shown meanwhile)."""
+    def _get(self, checkpoint: str, names: Sequence[str] | None = None) -> ExplorerData:
+        """The data of ``checkpoint`` on the current dataset and set with the measures ``names``
+        (default: all the explorer's): from the cache, or one pass for the measures it lacks (timed
+        into :attr:`timings`, the progress bar shown meanwhile), added to the cached data."""
         key = self.key(checkpoint)
-        if key in self.cache:
-            return self.cache.get(key, lambda: None)
+        names = self.measure_names if names is None else [name for name in self.measure_names if name in names]
+        have = self.cache.peek(key)
+        known = set(have.results) | set(have.metadata.get("unavailable", {})) if have is not None else set()
+        missing = [name for name in names if name not in known]
+        if have is not None and not missing:
+            return have
         _, dataset, transformation = key
-        self.status.value = f"computing {' · '.join(key)} …"
+        self.status.value = f"computing {' · '.join(key)}" + (f": {', '.join(missing)} …" if have else " …")
         self.progress.value, self.progress.layout.visibility = 0, "visible"
         start = time.perf_counter()
         try:
             ts = self._transformation_set(transformation)
-            measures, unavailable = applicable_measures(self.measure_names, ts)
-            data = self.cache.get(key, lambda: compute(
+            measures, unavailable = applicable_measures(missing, ts)
+            if not measures and have is not None:  # none of them can run on this set: nothing to forward
+                with self._lock:
+                    return have.extend(replace(have, results={}, images_forwarded=0,
+                                               metadata={"unavailable": unavailable}))
+            fresh = compute(
                 self._model(checkpoint), self._samples(dataset), ts, measures=measures, image=self.image,
                 max_st_samples=self.max_st_samples, on_progress=self._report, batch_size=self.batch_size,
-                title=f"{checkpoint} | measured on {dataset}, {transformation}"))
-            data.metadata["unavailable"] = unavailable
+                title=f"{checkpoint} | measured on {dataset}, {transformation}")
+            fresh.metadata["unavailable"] = unavailable
+            with self._lock:  # the panels may be drawing from ``have`` in the kernel's thread
+                data = self.cache.get(key, lambda: fresh) if have is None else have.extend(fresh)
+                if have is not None:
+                    self.cache.computations += 1
         finally:
             self.progress.layout.visibility = "hidden"
-        self.timings[f"pass {checkpoint}"] = time.perf_counter() - start
+        label = f"pass {checkpoint}"
+        self.timings[label] = self.timings.get(label, 0.0) + time.perf_counter() - start
         return data
 
-    def compute(self) -> ExplorerData:
+    def compute(self, names: Sequence[str] | None = None, overlays: bool = True) -> ExplorerData:
         """Compute (or take from the cache) the current selection and the checkpoints drawn beside
         it, then draw every panel and say in the status what was computed and how long it took.
-        Nothing on screen changes until every pass it needs has finished."""
+        Nothing on screen changes until every pass it needs has finished.
+
+        Args:
+            names: the measures to have (default: all the explorer's).
+            overlays: also the checkpoints drawn beside it (otherwise those already computed).
+        """
         self.timings = {}
         self._cancel.clear()
-        data = self._get(self.checkpoint.value)
-        others = {label: self._get(label) for label in self.overlays()}
+        data = self._get(self.checkpoint.value, names)
+        labels = self.overlays()
+        others = {label: self._get(label, names) for label in labels} if overlays else {
+            label: self.cache.peek(self.key(label)) for label in labels if self.cache.peek(self.key(label))}
         self.data, self.others = data, others
         self._shown = {name: getattr(self, name).value for name in SELECTORS}
-        passes = [f"{name[5:]} in {seconds:.1f} s" for name, seconds in self.timings.items()]
-        how = ("computed " + ", ".join(passes)) if passes else "from cache"
-        self.status.value = (f"{how}: {self.data.n_samples} samples × {len(self.data.transformation_labels)} "
-                             f"transformations, {self.data.images_forwarded} images forwarded per checkpoint")
+        self._say()
         layer = self.layer.value if self.layer.value in self.data.layers else (
             self._initial_layer if self._initial_layer in self.data.layers else self.data.layers[-1])
         self._quiet = True
@@ -320,6 +355,14 @@ class Explorer:
             self._quiet = False
         self._on_layer(inputs=True)
         return self.data
+
+    def _say(self, still: str = "") -> None:
+        """The status: what was computed (and in how long) or that it came from the cache."""
+        passes = [f"{name[5:]} in {seconds:.1f} s" for name, seconds in self.timings.items()
+                  if name.startswith("pass ")]
+        how = ("computed " + ", ".join(passes)) if passes else "from cache"
+        self.status.value = (f"{how}: {self.data.n_samples} samples × {len(self.data.transformation_labels)} "
+                             f"transformations, {self.data.images_forwarded} images forwarded" + still)
 
     def _on_selection(self, change: dict | None = None) -> None:
         if self._quiet:
@@ -334,25 +377,50 @@ class Explorer:
         self._busy(True)
         self.worker.start()
 
-    def _busy(self, busy: bool) -> None:
+    def _busy(self, busy: bool, browsing: bool = False) -> None:
         """While a background pass runs: the selectors locked (the panels keep showing the
-        previous view), the cancel button shown."""
+        previous view; with ``browsing``, layer, channel and measure free), the cancel button shown."""
         for name in SELECTORS + ("measure", "layer", "unit"):
-            getattr(self, name).disabled = busy
+            getattr(self, name).disabled = busy and not (browsing and name in ("measure", "layer", "unit"))
         self.cancel.layout.display = None if busy else "none"
 
     def _compute_in_background(self) -> None:
+        """A selection made in the browser, in steps, each shown when done: the selected
+        checkpoint with the :data:`FIRST` measures (a cancel here keeps the previous view), then
+        the overlaid checkpoints' curves, then the other measures (a cancel there keeps what is
+        shown; the measure menu grows when they are there)."""
         start = time.perf_counter()
         try:
-            self.compute()
+            self.compute(FIRST, overlays=False)
         except PassCancelled as stop:
             self._revert()
-            self.status.value = (f"{stop} ({time.perf_counter() - start:.1f} s): showing the previous view")
+            self.status.value = f"{stop} ({time.perf_counter() - start:.1f} s): showing the previous view"
+            self._busy(False)
+            return
         except Exception as error:  # shown, not lost in a thread: the view and selection stay as they were
             self._revert()
-            self.status.value = f'<span style="color: #b00">failed: {type(error).__name__}: {error}</span>'
+            self._failed(error)
+            self._busy(False)
+            return
+        self._busy(True, browsing=True)  # the view is there: layers, channels and measures can be browsed
+        try:
+            for names in (FIRST, None):
+                for label in ([self.checkpoint.value] if names is None else []) + self.overlays():
+                    self._say(" · computing the other checkpoints and measures …")
+                    self._get(label, names)
+                with self._lock:
+                    self.others = {label: self.cache.peek(self.key(label)) for label in self.overlays()}
+                self._on_layer()  # the new curves; then the full measure menu
+            self._say()
+        except PassCancelled as stop:
+            self._say(f" · {stop}: the rest not computed")
+        except Exception as error:
+            self._failed(error)
         finally:
             self._busy(False)
+
+    def _failed(self, error: Exception) -> None:
+        self.status.value = f'<span style="color: #b00">failed: {type(error).__name__}: {error}</span>'
 
     def _revert(self) -> None:
         """Set the selectors back to the view on screen, without computing."""
@@ -445,6 +513,10 @@ class Explorer:
         the measures defined for the layer (the current one if it is)."""
         if self._quiet or self.data is None or self.layer.value is None:
             return
+        with self._lock:
+            self._layer_changed(inputs)
+
+    def _layer_changed(self, inputs: bool) -> None:
         channels = self.data.channels(self.layer.value)
         offered = self.data.measures_for(self.layer.value)
         self._quiet = True
@@ -462,7 +534,8 @@ class Explorer:
         """A new unit: redraw the channel panel (its marked bar) and the ST matrix only."""
         if self._quiet or self.data is None or self.layer.value is None:
             return
-        self._draw(["heatmap", "st"])
+        with self._lock:
+            self._draw(["heatmap", "st"])
 
     def select(self, layer: str | None = None, unit: int | None = None, measure: str | None = None) -> None:
         """Programmatic selection (as a person would with the widgets); validates the names."""

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure, SubFigure
 from matplotlib.ticker import MaxNLocator
 
@@ -70,6 +71,8 @@ def _direction(measure: str) -> tuple[str, str]:
         return f"most {word} (lowest {measure})", f"least {word} (highest {measure})"
     return f"lowest {measure}", f"highest {measure}"
 
+
+GREY = colormaps["gray"].with_extremes(bad="white")  # the blank columns between maps
 
 #: Fixed y ranges of the normalised measures (as the papers plot NV): the same for every checkpoint.
 FIXED_RANGES: dict[str, tuple[float, float]] = {"NV": (0.0, 1.4), "NVSE": (0.0, 1.4)}
@@ -219,20 +222,23 @@ def plot_extreme_maps(data: ExplorerData, measure: str, layer: str, canvas: Canv
                      top=0.82 if spatial else 0.88, wspace=0.06, hspace=0.35)
     labels = data.transformation_labels
     if maps.ndim == 4:
+        # One image per row (the maps side by side, a blank column between them) rather than one
+        # axes per map: a sixteenth of the artists, a third of the drawing time.
         cols = _columns(maps.shape[0], limit)
-        axes = canvas.subplots(2, len(cols), squeeze=False)
+        height, width = maps.shape[-2:]
+        axes = canvas.subplots(2, 1, squeeze=False)[:, 0]
+        gap = np.full((height, 1), np.nan, dtype=np.float32)
+        centres = [k * (width + 1) + (width - 1) / 2 for k in range(len(cols))]
         for row, (channel, title) in enumerate([(lowest, titles[0]), (highest, titles[1])]):
             chosen = maps[:, channel]
-            vmin, vmax = float(chosen.min()), float(chosen.max())
-            for col, j in enumerate(cols):
-                ax = axes[row, col]
-                ax.imshow(chosen[j], cmap="gray", vmin=vmin, vmax=vmax)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if row == 1:
-                    ax.set_xlabel(labels[j], fontsize=7)
-            axes[row, 0].set_ylabel(f"ch {channel}\n{measure}={values[channel]:.2f}", fontsize=8)
-            axes[row, 0].set_title(title, fontsize=8, loc="left")
+            strip = np.concatenate([part for j in cols for part in (chosen[j], gap)][:-1], axis=1)
+            ax = axes[row]
+            ax.imshow(strip, cmap=GREY, vmin=float(chosen.min()), vmax=float(chosen.max()), interpolation="nearest")
+            ax.set_xticks(centres, [labels[j] for j in cols] if row == 1 else [], fontsize=7)
+            ax.set_yticks([])
+            ax.tick_params(length=0)
+            ax.set_ylabel(f"ch {channel}\n{measure}={values[channel]:.2f}", fontsize=8)
+            ax.set_title(title, fontsize=8, loc="left")
     else:
         ax = canvas.subplots()
         for channel, title in [(lowest, titles[0]), (highest, titles[1])]:
