@@ -123,6 +123,8 @@ def test_experiment_notebook(name, tmp_path):
     text = executed.read_text()
     if name == "03_dataset_transformation" and not (ROOT / "data" / "cifar-10-batches-py").exists():
         assert "skipped: cifar10" in text and "cifar-10-batches-py" in text  # said, not silent
+    if name == "03_dataset_transformation":  # the introduction's point, with this run's numbers
+        assert "untrained NV (mean over layers), rotation: " in text and " on the widest range, " in text
     for filename in FIGURES[name]:  # a figure is a real image; a table has a header and a row
         assert (tmp_path / "figures" / filename).stat().st_size > (1000 if filename.endswith(".png") else 150), filename
     summary = json.loads((tmp_path / "results" / "summaries" / f"quick-{name}.json").read_text())
