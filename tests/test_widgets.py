@@ -37,7 +37,7 @@ def test_compute_shapes_and_single_pass(explored):
     model, _, _, data = explored
     assert model.images == N * M == data.images_forwarded  # one pass feeds measures and pictures
     assert data.layers == ["inner.0", "inner.1", "inner.2", "inner.3", "inner.4", "inner.5", "inner.6"]
-    assert data.measures == ["NV", "TV", "SV", "NVSE", "TVSE", "DSES", "GEED-inv", "GEED-eq"]
+    assert data.measures == ["NV", "NV (element)", "TV", "SV", "NVSE", "TVSE", "DSES", "GEED-inv", "GEED-eq"]
     assert data.metadata["unavailable"] == {}
     assert data.st_means["inner.0"].shape == (ST, M, 4)
     assert data.st_means["inner.3"].shape == (ST, M, 6)
@@ -221,14 +221,22 @@ def test_every_family_that_applies_to_the_layer_is_offered(explored, setup):
     model, x, ts, data = explored
     spatial = ["inner.0", "inner.1", "inner.2", "inner.3", "inner.4"]
     for layer in data.layers:
-        expected = ["NV", "TV", "SV"] + (["NVSE", "TVSE", "DSES"] if layer in spatial else []) + ["GEED-inv"]
+        expected = ["NV", "NV (element)", "TV", "SV"] + (["NVSE", "TVSE", "DSES"] if layer in spatial else [])
+        expected += ["GEED-inv"]
         expected += ["GEED-eq"] if layer in spatial else []
         assert data.measures_for(layer) == expected, layer
     # The same numbers as evaluate with the same measures (one pass fed them all).
-    direct = evaluate(model, x, ts, {"NVSE": NormalizedVarianceSE(mode="channel"), "G": GEEDInvariance()},
-                      batch_size=3, progress=False)
+    direct = evaluate(model, x, ts, {"NVSE": NormalizedVarianceSE(mode="channel"), "G": GEEDInvariance(),
+                                     "NVe": NormalizedVariance(mode="element")}, batch_size=3, progress=False)
     for layer in spatial:
         np.testing.assert_allclose(data.values("NVSE", layer), direct["NVSE"][layer], rtol=1e-12)
+        # Element mode: one NV per activation, shown per channel as the mean of its finite values.
+        element = np.asarray(direct["NVe"][layer], dtype=float)
+        assert element.shape[0] == data.channels(layer) and element.ndim == 3
+        means = [np.mean(e[np.isfinite(e)]) if np.isfinite(e).any() else np.nan for e in element]
+        np.testing.assert_allclose(data.values("NV (element)", layer), means, rtol=1e-12)
+        assert data.per_channel("NV (element)", layer)
+        assert data.results["NV (element)"].layer_means()[layer] == pytest.approx(np.mean(element[np.isfinite(element)]))
     for layer in data.layers:
         assert data.values("GEED-inv", layer) == pytest.approx([float(direct["G"][layer])], rel=1e-12)
         assert not data.per_channel("GEED-inv", layer) and data.per_channel("NV", layer)
@@ -245,7 +253,7 @@ def test_every_family_that_applies_to_the_layer_is_offered(explored, setup):
     partial = widgets.compute(model, x, no_identity, max_st_samples=ST, batch_size=3)
     assert set(partial.metadata["unavailable"]) == {"DSES", "GEED-eq"}
     assert "no identity" in partial.metadata["unavailable"]["GEED-eq"]
-    assert partial.measures == ["NV", "TV", "SV", "NVSE", "TVSE", "GEED-inv"]
+    assert partial.measures == ["NV", "NV (element)", "TV", "SV", "NVSE", "TVSE", "GEED-inv"]
 
 
 def test_explorer_measure_menu_follows_the_layer(setup):
@@ -256,7 +264,8 @@ def test_explorer_measure_menu_follows_the_layer(setup):
     explorer.select(measure="DSES")
     before = model.images
     explorer.select(layer="inner.6")  # DSES is not defined there: the menu falls back to its first entry
-    assert list(explorer.measure.options) == ["NV", "TV", "SV", "GEED-inv"] and explorer.measure.value == "NV"
+    assert list(explorer.measure.options) == ["NV", "NV (element)", "TV", "SV", "GEED-inv"]
+    assert explorer.measure.value == "NV"
     explorer.select(measure="GEED-inv")
     assert explorer.panel_png("heatmap") == widgets.figure_png(widgets.plot_channel_values(
         explorer.data, "GEED-inv", "inner.6", explorer.unit.value, Figure(figsize=explorer.heatmap.figure.get_size_inches()),

@@ -41,8 +41,11 @@ __all__ = ["MEASURES", "ChannelMeansSpec", "ExplorerCache", "ExplorerData", "Fea
 
 # Measures offered by the explorer (per channel where the measure has channels, as in Quiroga et al.
 # 2023). For all but SV a low value means "invariant" (or "equivariant"); SV is a reference scale.
+# "NV (element)" is NV per activation (the element mode), shown per channel as the mean over the
+# channel's positions; it is read from the same moments as channel-mode NV: no extra state.
 MEASURES: dict[str, Callable[[], Measure]] = {
     "NV": lambda: NormalizedVariance(mode="channel"),
+    "NV (element)": lambda: NormalizedVariance(mode="element"),
     "TV": lambda: TransformationVariance(mode="channel"),
     "SV": lambda: SampleVariance(mode="channel"),
     "NVSE": lambda: NormalizedVarianceSE(mode="channel"),
@@ -52,7 +55,7 @@ MEASURES: dict[str, Callable[[], Measure]] = {
     "GEED-eq": lambda: GEEDEquivariance(),
 }
 #: What a low value of each measure means (titles of the extreme-channel panel).
-LOW_MEANS = {"NV": "invariant", "TV": "invariant", "NVSE": "same-equivariant", "TVSE": "same-equivariant",
+LOW_MEANS = {"NV": "invariant", "NV (element)": "invariant", "TV": "invariant", "NVSE": "same-equivariant", "TVSE": "same-equivariant",
              "DSES": "same-equivariant", "GEED-inv": "invariant", "GEED-eq": "equivariant"}
 
 
@@ -218,9 +221,17 @@ class ExplorerData:
         return self.st_means[layer].shape[-1]
 
     def values(self, measure: str, layer: str) -> np.ndarray:
-        """float [C] (or [1] for a measure with one value per layer): the measure's values of ``layer``."""
+        """float [C] (or [1] for a measure with one value per layer): the measure's values of
+        ``layer``; a measure with one value per activation ([C, H, W], the element mode) as the
+        mean of each channel's finite values (NaN for a channel with none)."""
         self.check(layer=layer, measure=measure)
-        return np.asarray(self.results[measure][layer], dtype=float).reshape(-1)
+        values = np.asarray(self.results[measure][layer], dtype=float)
+        if values.ndim == 3 and values.shape[0] == self.st_means[layer].shape[-1]:
+            finite = np.isfinite(values)
+            count = finite.sum(axis=(1, 2))
+            total = np.where(finite, values, 0.0).sum(axis=(1, 2))
+            return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        return values.reshape(-1)
 
     def per_channel(self, measure: str, layer: str) -> bool:
         """Whether the measure has one value per channel of ``layer`` (not one per layer)."""

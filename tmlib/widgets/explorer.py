@@ -62,7 +62,7 @@ class PassCancelled(Exception):
 #: The measures a pass started in the browser computes first (one moments state and G-EED's: a
 #: pass costs about the bare forwards); the others (same-equivariance, DSES, latent G-EED: 2–5×
 #: the forwards) follow in a second pass, after the view is shown.
-FIRST = ("NV", "TV", "SV", "GEED-inv")
+FIRST = ("NV", "NV (element)", "TV", "SV", "GEED-inv")
 #: The selectors whose change needs a pass (the others only redraw).
 SELECTORS = ("checkpoint", "compare", "dataset", "transformation")
 

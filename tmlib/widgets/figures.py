@@ -75,7 +75,7 @@ def _direction(measure: str) -> tuple[str, str]:
 GREY = colormaps["gray"].with_extremes(bad="white")  # the blank columns between maps
 
 #: Fixed y ranges of the normalised measures (as the papers plot NV): the same for every checkpoint.
-FIXED_RANGES: dict[str, tuple[float, float]] = {"NV": (0.0, 1.4), "NVSE": (0.0, 1.4)}
+FIXED_RANGES: dict[str, tuple[float, float]] = {"NV": (0.0, 1.4), "NV (element)": (0.0, 1.4), "NVSE": (0.0, 1.4)}
 
 
 def y_range(measure: str, datasets: Sequence[ExplorerData]) -> tuple[float, float]:
