@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from tmlib import data, models, transforms, widgets
-from tmlib.widgets.explorer import FIRST
+from tmlib.widgets.passes import FIRST
 
 CANVASES: list = []  # the explorer's canvases, rendered after each action as the browser would ask
 

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from tmlib import transforms, widgets
 from tmlib.measures import GEEDInvariance, NormalizedVariance, NormalizedVarianceSE, evaluate
-from tmlib.widgets.explorer import FIRST as FIRST_MEASURES
+from tmlib.widgets.passes import FIRST as FIRST_MEASURES
 
 N, M, ST, IMAGE = 10, 4, 6, 7  # image 7 lies in the third block of 3 samples
 

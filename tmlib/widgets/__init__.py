@@ -11,6 +11,8 @@ Split along its seams, each part usable on its own:
   the export buttons' PNG and CSV files;
 * :mod:`~tmlib.widgets.pointing` — what a click or a hover over a panel means (:func:`layer_at`,
   :func:`channel_at`, the hover texts) and the ipympl canvases they are connected to;
+* :mod:`~tmlib.widgets.passes` — how the explorer gets its data: passes for what the cache lacks,
+  a selection made in the browser run in a thread, in steps, with a cancel button;
 * :mod:`~tmlib.widgets.explorer` — :class:`Explorer`, the widget.
 """
 
