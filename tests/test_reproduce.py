@@ -57,6 +57,20 @@ def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
     assert len(err) == 1 and "interrupted during the training stage" in err[0] and "resume" in err[0]
 
 
+def _ended(pid: int) -> bool:
+    """The process is gone, or a zombie (terminated, not yet reaped)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:  # gone meanwhile (ENOENT, or ESRCH while reading)
+        return True
+
+
 def _sleep(seconds):
     import time
 
@@ -74,10 +88,12 @@ def test_stopping_the_training_pool_terminates_its_workers():
     futures = [pool.submit(_sleep, 60) for _ in range(8)]
     while not any(f.running() for f in futures):
         time.sleep(0.05)
-    processes = list(pool._processes.values())
+    pids = [process.pid for process in pool._processes.values()]
     start = time.perf_counter()
     reproduce._stop(pool)
-    for process in processes:
-        process.join(10)
-    assert all(not p.is_alive() for p in processes) and time.perf_counter() - start < 10
+    # By pid, not Process.is_alive(): the executor's own thread reaps its workers, after which
+    # is_alive()'s waitpid fails and reads as "alive".
+    while not all(_ended(pid) for pid in pids) and time.perf_counter() - start < 10:
+        time.sleep(0.05)
+    assert all(_ended(pid) for pid in pids) and time.perf_counter() - start < 10
     assert any(f.cancelled() for f in futures)  # the ones that had not started

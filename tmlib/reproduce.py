@@ -207,6 +207,10 @@ def train_all(profile: str = "quick", names: list[str] | None = None, jobs: int 
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Cancel what has not started and terminate the running workers."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    # Cancel here, not only through shutdown(cancel_futures=True): the executor's thread does that
+    # later, and if it first sees the workers terminated it fails the waiting jobs instead.
+    for item in list((getattr(pool, "_pending_work_items", None) or {}).values()):
+        item.future.cancel()  # False (and nothing done) for a job already handed to a worker
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.terminate()
