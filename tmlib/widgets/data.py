@@ -349,6 +349,14 @@ class ExplorerCache:
         """The cached data for ``key``, or None (nothing computed)."""
         return self._items.get(key)
 
+    def add(self, key: Hashable, data: ExplorerData) -> ExplorerData:
+        """Keep ``data`` (a pass just run) for ``key``, or add its measures to what is kept there."""
+        self.computations += 1
+        if key in self._items:
+            return self._items[key].extend(data)
+        self._items[key] = data
+        return data
+
     def get(self, key: Hashable, make: Callable[[], ExplorerData]) -> ExplorerData:
         """The cached data for ``key``, computing it with ``make()`` the first time."""
         if key not in self._items:

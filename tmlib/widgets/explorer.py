@@ -213,6 +213,15 @@ class Explorer(Passes):
         if compute:
             self.compute()
 
+    def _locked(self, function):
+        """``function`` run under the explorer's lock: matplotlib figures are not thread-safe."""
+
+        def run(*args, **kwargs):
+            with self._lock:
+                return function(*args, **kwargs)
+
+        return run
+
     @staticmethod
     def _as_mapping(items: Sequence[str] | Mapping[str, Any], name: str) -> dict[str, Any]:
         if isinstance(items, str):
@@ -247,7 +256,7 @@ class Explorer(Passes):
         data = self._get(self.checkpoint.value, names)
         labels = self.overlays()
         others = {label: self._get(label, names) for label in labels} if overlays else {
-            label: self.cache.peek(self.key(label)) for label in labels if self.cache.peek(self.key(label))}
+            label: cached for label in labels if (cached := self.cache.peek(self.key(label))) is not None}
         self.data, self.others = data, others
         self._shown = {name: getattr(self, name).value for name in SELECTORS}
         self._say()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -36,15 +35,6 @@ SELECTORS = ("checkpoint", "compare", "dataset", "transformation")
 
 class Passes:
     """Passes for the explorer (a mixin of :class:`~tmlib.widgets.explorer.Explorer`)."""
-
-    def _locked(self, function):
-        """``function`` run under the explorer's lock: matplotlib figures are not thread-safe."""
-
-        def run(*args, **kwargs):
-            with self._lock:
-                return function(*args, **kwargs)
-
-        return run
 
     def _model(self, label: str) -> nn.Module:
         if label not in self._loaded:
@@ -75,7 +65,7 @@ class Passes:
             return measurement_set(chosen)
         return chosen
 
-    # -- computing and drawing ------------------------------------------------------------------
+    # -- passes ---------------------------------------------------------------------------------
     def _report(self, done: int, total: int) -> None:
         if self._cancel.is_set():
             raise PassCancelled(f"cancelled after {done} of {total} samples")
@@ -102,17 +92,15 @@ class Passes:
             measures, unavailable = applicable_measures(missing, ts)
             if not measures and have is not None:  # none of them can run on this set: nothing to forward
                 with self._lock:
-                    return have.extend(replace(have, results={}, images_forwarded=0,
-                                               metadata={"unavailable": unavailable}))
+                    have.metadata.setdefault("unavailable", {}).update(unavailable)
+                return have
             fresh = compute(
                 self._model(checkpoint), self._samples(dataset), ts, measures=measures, image=self.image,
                 max_st_samples=self.max_st_samples, on_progress=self._report, batch_size=self.batch_size,
                 title=f"{checkpoint} | measured on {dataset}, {transformation}")
             fresh.metadata["unavailable"] = unavailable
-            with self._lock:  # the panels may be drawing from ``have`` in the kernel's thread
-                data = self.cache.get(key, lambda: fresh) if have is None else have.extend(fresh)
-                if have is not None:
-                    self.cache.computations += 1
+            with self._lock:  # the panels may be drawing from the cached data in the kernel's thread
+                data = self.cache.add(key, fresh)
         finally:
             self.progress.layout.visibility = "hidden"
         label = f"pass {checkpoint}"
@@ -155,14 +143,12 @@ class Passes:
         start = time.perf_counter()
         try:
             self.compute(FIRST, overlays=False)
-        except PassCancelled as stop:
-            self._revert()
-            self.status.value = f"{stop} ({time.perf_counter() - start:.1f} s): showing the previous view"
-            self._busy(False)
-            return
         except Exception as error:  # shown, not lost in a thread: the view and selection stay as they were
             self._revert()
-            self._failed(error)
+            if isinstance(error, PassCancelled):
+                self.status.value = f"{error} ({time.perf_counter() - start:.1f} s): showing the previous view"
+            else:
+                self._failed(error)
             self._busy(False)
             return
         self._busy(True, browsing=True)  # the view is there: layers, channels and measures can be browsed
