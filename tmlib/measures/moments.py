@@ -86,7 +86,11 @@ if _HAVE_NUMBA:
     def _fused_update(x, shift, col_s1, col_s2, row_std_sum, row_var_sum, tile):  # pragma: no cover
         # x: [b, m, F] (float32 or float64, C-contiguous); all other arrays float64.
         # Each work item owns `tile` activations, so its column sums ([m, tile]) and row sums
-        # ([tile]) stay in L1 while every activation value is read exactly once.
+        # ([tile]) stay in L1/L2 while every activation value is read from memory once. The
+        # column and the row updates are two loops over the same row of x (the second reads it
+        # from L1) on 1-d slices: with four arrays each, LLVM's alias checks stay within its
+        # limit and both loops are vectorised; one loop over six arrays ran scalar, 2-5x slower.
+        # Same operations in the same order per activation: bit-identical results.
         b, m, nf = x.shape
         n_tiles = (nf + tile - 1) // tile
         for t in numba.prange(n_tiles):
@@ -98,17 +102,22 @@ if _HAVE_NUMBA:
             r2 = np.empty(w)
             x0 = np.empty(w)
             for i in range(b):
+                xi = x[i]
                 for f in range(w):
-                    x0[f] = x[i, 0, f0 + f]  # row shift: exact zeros for rows that do not vary
+                    x0[f] = xi[0, f0 + f]  # row shift: exact zeros for rows that do not vary
                     r1[f] = 0.0
                     r2[f] = 0.0
                 for j in range(m):
+                    row = xi[j, f0 : f0 + w]
+                    centre = shift[j, f0 : f0 + w]
+                    s1 = cs1[j]
+                    s2 = cs2[j]
                     for f in range(w):
-                        v = np.float64(x[i, j, f0 + f])
-                        d = v - shift[j, f0 + f]
-                        cs1[j, f] += d
-                        cs2[j, f] += d * d
-                        r = v - x0[f]
+                        d = np.float64(row[f]) - centre[f]
+                        s1[f] += d
+                        s2[f] += d * d
+                    for f in range(w):
+                        r = np.float64(row[f]) - x0[f]
                         r1[f] += r
                         r2[f] += r * r
                 for f in range(w):
