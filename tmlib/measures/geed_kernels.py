@@ -33,34 +33,50 @@ if numba_available():
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _orbit_kernel(z, tile):  # pragma: no cover
         # z: [b, m, D]. Returns z_g·c, ‖z_g‖² ([b, m]) and ‖c‖² ([b]), c = mean_g z_g, in float64.
+        # The sums over D go into one float64 partial sum per position of the tile (the `lanes`),
+        # added up at the end: a scalar running sum cannot be vectorised without letting LLVM
+        # reorder it (fastmath); lanes are vectorised as they are, 2.5-4x faster (one sample's
+        # sums, so still independent of the batch).
         b, m, d = z.shape
         zc = np.zeros((b, m))
         zz = np.zeros((b, m))
         cc = np.zeros(b)
         for i in numba.prange(b):
             c = np.empty(tile)
+            zz_lanes = np.zeros((m, tile))
+            zc_lanes = np.zeros((m, tile))
+            cc_lanes = np.zeros(tile)
             for f0 in range(0, d, tile):
                 w = min(d, f0 + tile) - f0
                 for f in range(w):
                     c[f] = 0.0
                 for j in range(m):
+                    row = z[i, j, f0 : f0 + w]
+                    lanes = zz_lanes[j]
                     for f in range(w):
-                        v = np.float64(z[i, j, f0 + f])
+                        v = np.float64(row[f])
                         c[f] += v
-                        zz[i, j] += v * v
+                        lanes[f] += v * v
                 for f in range(w):
                     c[f] /= m
-                    cc[i] += c[f] * c[f]
+                    cc_lanes[f] += c[f] * c[f]
                 for j in range(m):  # the tile again, from cache
-                    acc = 0.0
+                    row = z[i, j, f0 : f0 + w]
+                    lanes = zc_lanes[j]
                     for f in range(w):
-                        acc += np.float64(z[i, j, f0 + f]) * c[f]
-                    zc[i, j] += acc
+                        lanes[f] += np.float64(row[f]) * c[f]
+            for j in range(m):
+                zz[i, j] = zz_lanes[j].sum()
+                zc[i, j] = zc_lanes[j].sum()
+            cc[i] = cc_lanes.sum()
         return zc, zz, cc
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _pair_kernel(a, e):  # pragma: no cover
-        # a, e: [p, D] paired rows. Returns a·e, ‖a‖², ‖e‖² ([p]) in float64.
+        # a, e: [p, D] paired rows. Returns a·e, ‖a‖², ‖e‖² ([p]) in float64. Running sums, not
+        # lanes as in _orbit_kernel: the Euclidean G-EED reads ‖a − e‖² = ‖a‖² + ‖e‖² − 2a·e,
+        # which cancels where a ≈ e, so another order of summation moves it by up to 1e-9 and
+        # the golden values (tests/golden) hold these sums' order.
         p, d = a.shape
         ae = np.zeros(p)
         aa = np.zeros(p)
