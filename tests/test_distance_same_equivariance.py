@@ -382,3 +382,38 @@ def test_chunked_pairwise_sums_and_merged_states_are_exact():
     merged = left.merge(right)
     np.testing.assert_allclose(merged.sample(), whole.sample(), rtol=1e-12)
     np.testing.assert_allclose(merged.transformational(), whole.transformational(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_the_fused_map_distances_equal_the_torch_ops(normalize):
+    # The CPU kernel against the float64 torch ops it replaces, with all-zero maps (stay zero when
+    # normalised), a map equal to its reference (distance 0) and odd sizes.
+    from tmlib.measures.moments import numba_available
+    from tmlib.measures.se_kernels import map_distance_sums
+
+    if not numba_available():
+        pytest.skip("numba not installed: only the torch ops run")
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(3, 4, 5, 7, 6, generator=g)
+    expected = torch.randn(3, 4, 5, 7, 6, generator=g)
+    y[0, 1, 2] = 0.0
+    expected[1, 2, 3] = 0.0
+    y[2, 0], expected[2, 0] = 0.0, 0.0
+    expected[1, 3, 0] = y[1, 3, 0]
+    fused = map_distance_sums(y, expected, normalize, fused=True)
+    ops = map_distance_sums(y, expected, normalize, fused=False)
+    assert fused.dtype == ops.dtype == torch.float64 and fused.shape == (5,)
+    np.testing.assert_allclose(fused.numpy(), ops.numpy(), rtol=1e-13)
+    # brute force: one map pair at a time
+    brute = np.zeros(5)
+    for i in range(3):
+        for j in range(4):
+            for c in range(5):
+                a, r = y[i, j, c].double().flatten(), expected[i, j, c].double().flatten()
+                if normalize:
+                    a = a / a.norm() if a.norm() > 0 else a
+                    r = r / r.norm() if r.norm() > 0 else r
+                brute[c] += float(((a - r) ** 2).mean().sqrt())
+    np.testing.assert_allclose(fused.numpy(), brute, rtol=1e-12)
+    with pytest.raises(ValueError, match="differ"):
+        map_distance_sums(y, expected[:, :2], normalize, fused=True)

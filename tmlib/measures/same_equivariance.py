@@ -38,8 +38,9 @@ import torch
 
 from ..transforms import identity_index
 from .base import LayerInfo, Measure, PassContext, StatSpec
-from .functional import divide_nv, l2_normalize_maps
-from .moments import STMoments
+from .functional import divide_nv
+from .moments import STMoments, use_numba
+from .se_kernels import map_distance_sums
 from .states import SumState
 from .variance import VarianceMeasure
 
@@ -197,6 +198,7 @@ class SameEquivarianceDistanceState(SumState):
         self.identity = identity_index(context.ts)
         self.reference = reference if self.identity is None else None
         self.spatial = layer.spatial
+        self.fused = use_numba(context.backend, context.device)
         self.total: torch.Tensor | None = None
         self.count = 0  # pairs (i, j) seen
         self.n = 0  # samples seen
@@ -219,11 +221,7 @@ class SameEquivarianceDistanceState(SumState):
                 device=y.device, dtype=y.dtype
             )
         expected = self.ts.apply(fx, fill=0.0)  # t_j F(x_i): [b, m, C', H, W]
-        y, expected = y.to(torch.float64), expected.to(torch.float64)
-        if self.normalize:
-            y = l2_normalize_maps(y.flatten(-2)).unflatten(-1, y.shape[-2:])
-            expected = l2_normalize_maps(expected.flatten(-2)).unflatten(-1, expected.shape[-2:])
-        d = (y - expected).square().mean(dim=(-2, -1)).sqrt().sum(dim=(0, 1))  # [C']
+        d = map_distance_sums(y, expected, self.normalize, self.fused)  # [C']
         self.total = d if self.total is None else self.total + d
         self.count += b * self.m
         self.n += b
