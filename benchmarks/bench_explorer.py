@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from tmlib import data, models, transforms, widgets
-from tmlib.widgets.passes import FIRST
 
 CANVASES: list = []  # the explorer's canvases, rendered after each action as the browser would ask
 
@@ -87,6 +86,7 @@ def main() -> None:
     new_status = explorer.status.value
     back = timed(lambda: setattr(explorer.transformation, "value", list(sets)[0]))
     # As from the browser (the state JupyterLab sends): the view first, the rest in the background.
+    explorer.select(measure="NV")  # on screen: NV (its first step is the moments family alone)
     explorer.cache = widgets.ExplorerCache()
     shown = explorer.data
     start = time.perf_counter()
@@ -119,7 +119,7 @@ def main() -> None:
     print(f"new transformation set ({args.rotations + 1} rotations, 2 checkpoints): {new_set:.2f} s; {new_status}")
     print(f"back to a cached set: {back:.2f} s")
     print(f"the same new set chosen in the browser (a background pass): its view after {first_view:.2f} s "
-          f"({', '.join(FIRST)}; the selected checkpoint), everything after {everything:.2f} s; {explorer.status.value}")
+          f"({', '.join(explorer.first_measures())}; the selected checkpoint), everything after {everything:.2f} s; {explorer.status.value}")
     print(f"one pass alone (widgets.compute, {args.n} × {args.rotations}, every measure): {single:.2f} s; "
           f"{one.images_forwarded} images")
     print(f"  the bare forwards of those images (warped, blocks of 16 samples, no_grad): {bare:.2f} s")

@@ -570,12 +570,16 @@ def test_a_browser_selection_shows_the_view_first_then_the_rest(two_checkpoints)
                                 max_st_samples=ST, layer="inner.3", checkpoint="trained", compare="gated",
                                 batch_size=5)
     assert set(explorer.data.measures) == set(widgets.MEASURES) and explorer.cache.computations == 3
+    explorer.select(measure="GEED-inv")  # a measure outside the moments family on screen: first as well
+    assert explorer.first_measures() == (*FIRST_MEASURES, "GEED-inv")
+    explorer.select(measure="NV")
+    assert explorer.first_measures() == FIRST_MEASURES
     gated.go.clear()
     gated.entered.clear()
     explorer.transformation.set_state({"index": 1})  # from the browser: the selected checkpoint first …
     assert gated.entered.wait(30)  # … the overlay's pass has started: the view of rot3 is already shown
     assert explorer.data.transformation_labels == ["0°", "120°", "240°"] and explorer.transformation.value == "rot3"
-    assert explorer.data.measures == list(FIRST_MEASURES) and explorer.others == {}
+    assert explorer.data.measures == list(FIRST_MEASURES) and explorer.others == {}  # NV on screen: the moments
     assert not explorer.layer.disabled and explorer.checkpoint.disabled  # browsing while the rest is computed
     explorer.select(layer="inner.0")
     explorer.cancel.click()

@@ -20,18 +20,27 @@ On the CPU the block update is one fused, multi-threaded numba kernel that reads
 once while it is still in cache; on other devices (or without numba) the same arithmetic runs as
 torch ops.
 
-Cost, measured with benchmarks/bench_engine.py on 2 cores (SimpleConv, 12,500 images): the fused
-kernel runs at ≈ 1 G activations/s, ≈ 0.3 forward-times; the same arithmetic as torch ops costs
-≈ 3.5 forward-times. Tried and kept: tiling over activations (work items of 256), numba's OpenMP
-pool instead of its workqueue (1.75 → 1.31 × forward). The readout of SV (``sample``: the column
-variances, their square roots and their mean over transformations) is a second fused kernel: a
-jackknife with K blocks reads it out K + 1 times per layer, and as torch ops (seven passes, four
-[m, F] temporaries) it and the tree's merges are memory-bound (benchmarks/bench_jackknife.py,
-SimpleConv(16), 200 images × 25 rotations, K = 10, 2 cores: ``compute`` 0.60 s as torch ops and
-0.46 s fused on a quiet machine, 8.0 s and 3.0 s beside a running notebook; evaluate 3.0 s).
-Ruled out by analysis, not measured: one shift for rows and columns (fewer loads, but constant columns would no longer give exactly SV = 0,
-breaking NV's x/0 → inf convention) and float32 block partial sums (results would then depend on
-the batch size at ~1e-7, above the 1e-9 the tests demand).
+Where the time goes (measured, 2 cores, AMD EPYC, SimpleConv on MNIST): per activation value the
+kernel reads 4 bytes of float32 block once from memory (a block of 16 samples × 16 rotations of
+conv0 is 25.7 MB, out of cache: a plain copy of it takes 2.6 ms) and, per work item of 256
+activations, updates 2·m·256 float64 column sums and 2·256 row sums that stay in L1/L2. No float64
+copy of the block, no temporaries. Until this version the update was one loop over six arrays that
+LLVM did not vectorise (too many possible aliases for its run-time checks): 10.6–27 ms for that
+block (0.24–0.6 G values/s); as two loops on 1-d slices (columns, then rows re-reading the row from
+L1) it is vectorised, 5.1–6.0 ms (≈ 1.1–1.3 G values/s, about twice a memory copy), bit-identical.
+In a pass of the explorer (200 images × 16 rotations, TV + SV + NV + element NV) the kernel went
+from 1.15 s to 0.47 s beside 2.0 s of forwards. The same arithmetic as torch ops costs ≈ 4–7
+forward-times (float64 copies of the block, seven passes). Tried and kept: tiles of 256 (16…1024
+measured), numba's OpenMP pool instead of its workqueue (1.75 → 1.31 × forward);
+``OMP_WAIT_POLICY=PASSIVE`` and one numba thread measured no gain. The readout of SV (``sample``:
+the column variances, their square roots and their mean over transformations) is a second fused
+kernel: a jackknife with K blocks reads it out K + 1 times per layer, and as torch ops (seven
+passes, four [m, F] temporaries) it and the tree's merges are memory-bound
+(benchmarks/bench_jackknife.py, SimpleConv(16), 200 images × 25 rotations, K = 10, 2 cores:
+``compute`` 0.60 s as torch ops and 0.46 s fused on a quiet machine). Not done: one shift for rows
+and columns (fewer loads, but constant columns would no longer give exactly SV = 0, breaking NV's
+x/0 → inf convention) and float32 block partial sums (results would then depend on the batch size
+at ~1e-7, above the 1e-9 the tests demand).
 """
 
 from __future__ import annotations

@@ -25,10 +25,11 @@ class PassCancelled(Exception):
     """Raised inside a pass (at the end of a block) when the cancel button was pressed."""
 
 
-#: The measures a pass started in the browser computes first (one moments state and G-EED's: a
-#: pass costs about the bare forwards); the others (same-equivariance, DSES, latent G-EED: 2–5×
-#: the forwards) follow in a second pass, after the view is shown.
-FIRST = ("NV", "NV (element)", "TV", "SV", "GEED-inv")
+#: The measures a pass started in the browser computes first, with the measure on screen if it is
+#: another (:meth:`Passes.first_measures`): one moments state, read by one fused kernel (the pass
+#: costs ≈ 1.3–1.7× the bare forwards); the others (same-equivariance, DSES, G-EED: 1.5–2.5× the
+#: forwards each) follow in a second pass, after the view is shown.
+FIRST = ("NV", "NV (element)", "TV", "SV")
 #: The selectors whose change needs a pass (the others only redraw).
 SELECTORS = ("checkpoint", "compare", "dataset", "transformation")
 
@@ -64,6 +65,12 @@ class Passes:
 
             return measurement_set(chosen)
         return chosen
+
+    def first_measures(self) -> tuple[str, ...]:
+        """What the first step of a browser selection computes: :data:`FIRST` and the measure on
+        screen (so the view keeps it)."""
+        shown = self.measure.value
+        return FIRST if shown in FIRST or shown not in self.measure_names else (*FIRST, shown)
 
     # -- passes ---------------------------------------------------------------------------------
     def _report(self, done: int, total: int) -> None:
@@ -142,7 +149,8 @@ class Passes:
         shown; the measure menu grows when they are there)."""
         start = time.perf_counter()
         try:
-            self.compute(FIRST, overlays=False)
+            first = self.first_measures()
+            self.compute(first, overlays=False)
         except Exception as error:  # shown, not lost in a thread: the view and selection stay as they were
             self._revert()
             if isinstance(error, PassCancelled):
@@ -153,7 +161,7 @@ class Passes:
             return
         self._busy(True, browsing=True)  # the view is there: layers, channels and measures can be browsed
         try:
-            for names in (FIRST, None):
+            for names in (first, None):
                 for label in ([self.checkpoint.value] if names is None else []) + self.overlays():
                     self._say(" · computing the other checkpoints and measures …")
                     self._get(label, names)
