@@ -141,11 +141,15 @@ def test_panel_figures_have_labelled_axes_and_the_right_data(explored):
     dense = widgets.plot_extreme_maps(data, "NV", "inner.6")  # a linear layer: one line per unit
     assert len(dense.axes) == 1 and len(dense.axes[0].lines) == 2
 
-    inputs = widgets.plot_inputs(data)
-    assert [a.get_xlabel() for a in inputs.axes[:M]] == data.transformation_labels
+    inputs = widgets.plot_inputs(data)  # one mosaic: every warped input, its transformation under it
+    assert len(inputs.axes) == 1 and [t.get_text() for t in inputs.axes[0].texts] == data.transformation_labels
+    mosaic = inputs.axes[0].images[0].get_array()
+    lo, hi = data.inputs.min(), data.inputs.max()
+    h, w = data.inputs.shape[-2:]
+    np.testing.assert_allclose(mosaic[:h, w + 2 : 2 * w + 2], (data.inputs[1, 0] - lo) / (hi - lo), rtol=1e-6)
 
     full = widgets.explorer_figure(data, "NV", layer, 2)
-    assert len(full.axes) == 1 + 1 + 2 + 2 + M and all(x or y for x, y in _labels(full)[:1])
+    assert len(full.axes) == 1 + 1 + 2 + 2 + 1 and all(x or y for x, y in _labels(full)[:1])
     png = widgets.figure_png(full)
     again = widgets.figure_png(widgets.explorer_figure(data, "NV", layer, 2))
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == again  # deterministic: same data, same bytes

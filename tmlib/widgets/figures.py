@@ -255,23 +255,33 @@ def plot_extreme_maps(data: ExplorerData, measure: str, layer: str, canvas: Canv
 
 
 def plot_inputs(data: ExplorerData, canvas: Canvas | None = None, columns: int = 16) -> Canvas:
-    """Panel 4: the chosen image under every transformation (channels shown as grey or RGB)."""
+    """Panel 4: the chosen image under every transformation (channels shown as grey or RGB), on one
+    scale for all (warps stay comparable), ``columns`` a row, the transformation under each. One
+    mosaic image on one axes, not an axes per image: 0.3 s → a sixth of that for 17 rotations."""
     m = data.inputs.shape[0]
     cols = min(m, columns)
     rows = math.ceil(m / cols)
     canvas = _canvas(canvas, (2 * PANEL[0], 0.75 * rows + 0.5), left=0.01, right=0.99,  # a strip under the panels
-                     bottom=0.25 / (0.75 * rows + 0.5), top=1 - 0.3 / (0.75 * rows + 0.5), wspace=0.05)
-    axes = canvas.subplots(rows, cols, squeeze=False)
+                     bottom=0.25 / (0.75 * rows + 0.5), top=1 - 0.3 / (0.75 * rows + 0.5))
+    ax = canvas.subplots()
     lo, hi = float(data.inputs.min()), float(data.inputs.max())
-    for j, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if j >= m:
-            ax.axis("off")
-            continue
-        image = (data.inputs[j] - lo) / max(hi - lo, 1e-12)  # one scale for all: warps stay comparable
-        ax.imshow(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
-        ax.set_xlabel(data.transformation_labels[j], fontsize=7)
+    images = (data.inputs - lo) / max(hi - lo, 1e-12)  # [m, C, H, W] in [0, 1]
+    channels, height, width = images.shape[1:]
+    gap, below = 2, 1 + height // 3  # pixels between images, and under each for its label
+    rgb = channels != 1
+    mosaic = np.full((rows * (height + below), cols * (width + gap) - gap, 3 if rgb else 1), np.nan)
+    for j in range(m):
+        r, c = divmod(j, cols)
+        y0, x0 = r * (height + below), c * (width + gap)
+        mosaic[y0 : y0 + height, x0 : x0 + width] = images[j].transpose(1, 2, 0)
+        ax.text(x0 + (width - 1) / 2, y0 + height + below / 2 - 0.5, data.transformation_labels[j],
+                ha="center", va="center", fontsize=7)
+    if rgb:
+        ax.imshow(np.where(np.isnan(mosaic), 1.0, mosaic), interpolation="nearest")
+    else:
+        ax.imshow(mosaic[..., 0], cmap=GREY, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_aspect("equal", adjustable="box", anchor="C")
+    ax.axis("off")
     canvas.suptitle(f"(4) the inputs: image {data.image} under the {m} transformations", fontsize=10)
     return canvas
 
