@@ -19,9 +19,12 @@ from tmlib.measures import (
     NormalizedVariance,
     evaluate,
     evaluate_stratified,
+    goodfellow_states,
 )
+from tmlib.measures.base import feed
 from tmlib.measures.goodfellow import GoodfellowReference
-from tmlib.measures.moments import numba_available
+from tmlib.measures.goodfellow_states import GoodfellowCounts
+from tmlib.measures.moments import STMoments, numba_available
 from tmlib.stratified import mean_over_classes
 
 BACKENDS = ["torch"] + (["numba"] if numba_available() else [])
@@ -244,6 +247,48 @@ def test_goodfellow_streaming_top_k_is_exact_and_batch_size_free(backend):
     assert np.isclose(
         runs[0]["Goodfellow[percentile,0.05,all,global]"].metadata["global_firing_rate"]["3"], 0.05
     )
+
+
+@pytest.mark.skipif(not numba_available(), reason="the shared read is the numba moments kernel's")
+def test_goodfellow_counts_share_the_moments_read_exactly(monkeypatch):
+    # With a moments measure in the pass, the moments kernel counts the values above Goodfellow's
+    # thresholds in its own read of the block (GoodfellowCounts.update_with): the counts and the
+    # moments equal those of separate passes exactly, ties at the threshold included.
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4)).eval()
+    x, ts = torch.randn(60, 1, 8, 8), T.rotations(5)
+    gf = goodfellow_all(0.05, "percentile", "firing") + goodfellow_all(0.1, "normal", "all")
+    nv = [NormalizedVariance(), AnovaMeasure()]
+    own_kernel = goodfellow_states._count_above
+    calls = [0]
+
+    def counted(*args):
+        calls[0] += 1
+        return own_kernel(*args)
+
+    monkeypatch.setattr(goodfellow_states, "_count_above", counted)
+    alone = evaluate(model, x, ts, gf, progress=False, batch_size=7)
+    separate_calls, calls[0] = calls[0], 0
+    together = evaluate(model, x, ts, gf + nv, progress=False, batch_size=7)
+    # Two Goodfellow specs: one shares the moments' read, the other keeps its own kernel.
+    assert separate_calls > 0 and calls[0] == separate_calls // 2
+    moments_alone = evaluate(model, x, ts, nv, progress=False, batch_size=7)
+    for name, result in together.items():
+        reference = alone[name] if name.startswith("Goodfellow") else moments_alone[name]
+        for layer in result.layer_names:
+            np.testing.assert_array_equal(result[layer], reference[layer], err_msg=f"{name} {layer}")
+
+    # State level: a NaN in the block is caught by the counts sharing the read.
+    reference = GoodfellowReference(4, "percentile", 0.25, n=8)
+    reference.update(torch.arange(32.0).reshape(8, 4))
+    moments, counts = STMoments(3, 4), GoodfellowCounts(reference, 3)
+    block = torch.randn(8, 3, 4)
+    block[2, 1, 3] = float("nan")
+    feed([moments, counts], block)
+    assert counts.seen == 8 and not counts.is_finite() and not moments.is_finite()
+    twin = GoodfellowCounts(reference, 3)
+    twin.update(block)
+    assert torch.equal(twin.count_all, counts.count_all) and torch.equal(twin.count_firing, counts.count_firing)
 
 
 def test_goodfellow_refuses_an_adversarial_sample_order():

@@ -25,7 +25,7 @@ from .activations import LayerObserver
 from .adapters import default_fill, image_blocks
 from .checks import check_int, check_module, check_transformation_set
 from .devices import placed, resolve_device
-from .measures.base import LayerInfo, Measure, PassContext, StatSpec
+from .measures.base import LayerInfo, Measure, PassContext, StatSpec, feed
 from .measures.collection import PassStates, named_measures
 from .measures.moments import check_backend, numba_available
 from .results import MeasureResult
@@ -86,6 +86,7 @@ class _Pass:
             self.infos[name] = LayerInfo(name, shape)
         block = out.reshape(b, *shape) if m == 1 else out.reshape(b, m, *shape)
         bounds, start = self.bounds, self.start
+        layer_states = []  # [spec][block k]
         for spec in self.specs:
             per_block = self.states.get((spec, name))
             if per_block is None:
@@ -93,15 +94,13 @@ class _Pass:
                 for k, state in enumerate(per_block):
                     if hasattr(state, "seek"):  # states that read per-sample data by (global) index
                         state.seek(self.offset + bounds[k], self.offset + bounds[k + 1])
-            if len(per_block) == 1:
-                per_block[0].update(block)
-                self.touched.append(((spec, name), per_block[0]))
-                continue
-            for k, state in enumerate(per_block):  # the rows of this batch that fall in block k
-                lo, hi = max(bounds[k], start), min(bounds[k + 1], start + b)
-                if lo < hi:
-                    state.update(block[lo - start : hi - start])
-                    self.touched.append(((spec, name), state))
+            layer_states.append(per_block)
+        for k in range(len(bounds) - 1):  # the rows of this batch that fall in block k
+            lo, hi = max(bounds[k], start), min(bounds[k + 1], start + b)
+            if lo < hi:
+                states = [per_block[k] for per_block in layer_states]
+                feed(states, block if hi - lo == b else block[lo - start : hi - start])
+                self.touched.extend(((spec, name), state) for spec, state in zip(self.specs, states))
 
     def run(self, batches, expand, device, progress: Progress, desc: str, n: int,
             after_first: Callable[[dict[str, LayerInfo]], None] | None = None) -> int:

@@ -9,7 +9,9 @@ distances all read the same :class:`~tmlib.measures.moments.Moments`. The engine
 1. calls :meth:`Measure.check` for every measure before the first forward (the same error in every
    order of the measures), and :meth:`Measure.check_layers` once the first block has revealed the
    layers;
-2. builds the states from the specs only, feeds them in one pass (``update(block [b, m, *shape])``);
+2. builds the states from the specs only, feeds them in one pass (``update(block [b, m, *shape])``,
+   by :func:`feed`: a state with ``update_with(other, block)`` updates itself and another state of
+   the layer in one read of the block where it can, e.g. Goodfellow's counts and the moments);
 3. calls :meth:`Measure.compute`, a function of the states (plus metadata) that returns a
    :class:`~tmlib.results.MeasureResult` with its per-layer metadata. Nothing is stored on the
    measure, so one object can serve several ``evaluate`` calls.
@@ -32,7 +34,25 @@ import torch
 
 from ..results import MeasureResult
 
-__all__ = ["LayerInfo", "LayerSkippingMeasure", "LayerValue", "Measure", "PassContext", "StatSpec"]
+__all__ = ["LayerInfo", "LayerSkippingMeasure", "LayerValue", "Measure", "PassContext", "StatSpec", "feed"]
+
+
+def feed(states: list[Any], block: torch.Tensor) -> None:
+    """Update the states of one layer with ``block`` [b, m, *shape]. A state that defines
+    ``update_with(other, block) -> bool`` is offered each other state first: where it returns
+    True, it updated both in one read of the block (the block of a wide layer is tens of MB, out
+    of cache); the rest are updated one by one, in order."""
+    done: set[int] = set()
+    for state in states:
+        if id(state) in done or not hasattr(state, "update_with"):
+            continue
+        for other in states:
+            if other is not state and id(other) not in done and state.update_with(other, block):
+                done |= {id(state), id(other)}
+                break
+    for state in states:
+        if id(state) not in done:
+            state.update(block)
 
 
 @dataclass(frozen=True)

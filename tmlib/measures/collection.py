@@ -37,7 +37,7 @@ import torch
 
 from ..files import atomic_save
 from ..results import MeasureResult, finite_mean
-from .base import LayerInfo, Measure, PassContext, StatSpec
+from .base import LayerInfo, Measure, PassContext, StatSpec, feed
 
 __all__ = ["PassStates", "merge_states", "named_measures"]
 
@@ -125,8 +125,7 @@ class PassStates:
             info = self.layers[layer] = LayerInfo(layer, tuple(block.shape[2:]))
             for spec in self._specs:
                 self.states[(spec, layer)] = [spec.build(info, self._context)]
-        for spec in self._specs:
-            self.states[(spec, layer)][0].update(block)
+        feed([self.states[(spec, layer)][0] for spec in self._specs], block)
         if layer == next(iter(self.layers)):  # samples are counted on the first layer
             self.block_sizes[0] += block.shape[0]
             self.metadata["n"] = self.block_sizes[0]

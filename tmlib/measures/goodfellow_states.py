@@ -4,13 +4,13 @@ pass's thresholds (a running top-K and moments per unit) and the main pass's fir
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from scipy import stats
 
-from .moments import numba_available, use_numba
+from .moments import STMoments, numba_available, use_numba
 from .states import ShiftedMoments, SumState
 
 if numba_available():  # moments.py already chose numba's threading layer
@@ -33,23 +33,41 @@ if numba_available():
     def _count_above(x, t, counts, tile):  # pragma: no cover - compiled
         # x: [rows, F] float32/64 C-contiguous; t: [F] same dtype; counts: [F] int64, added to.
         # Returns how many values were NaN or ±inf. Each work item owns `tile` units, so its
-        # counters stay in L1 while every value is read once (as in moments._fused_update).
+        # counters stay in L1 while every value is read once (as in moments._fused_update); on
+        # 1-d slices with int32 counters the loop is vectorised: 7.5 → 1.6-1.9 ms on a
+        # [256, 25088] float32 block (2 cores), from 2-d indexing and int64 counters.
         rows, nf = x.shape
-        bad = 0
-        for k in numba.prange((nf + tile - 1) // tile):
+        n_tiles = (nf + tile - 1) // tile
+        bad = np.zeros(n_tiles, np.int64)
+        for k in numba.prange(n_tiles):
             f0 = k * tile
             w = min(nf, f0 + tile) - f0
-            c = np.zeros(w, np.int64)
+            c = np.zeros(w, np.int32)  # < 2^31 rows per call
+            limit = t[f0 : f0 + w]
             nonfinite = 0
             for i in range(rows):
+                row = x[i, f0 : f0 + w]
                 for f in range(w):
-                    v = x[i, f0 + f]
-                    c[f] += v > t[f0 + f]
-                    nonfinite += (v - v) != 0.0  # NaN for NaN and ±inf
+                    v = row[f]
+                    c[f] += np.int32(v > limit[f])
+                    nonfinite += np.int32((v - v) != 0.0)  # NaN for NaN and ±inf
             for f in range(w):
                 counts[f0 + f] += c[f]
-            bad += nonfinite
-        return bad
+            bad[k] = nonfinite
+        return bad.sum()
+
+
+def _top(values: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``keep`` largest of each row of ``values`` [F, K] (K > keep), unordered, their
+    positions, and the largest value dropped (float64 [F]): the (keep+1)-th largest, found by
+    one ``topk`` of keep + 1 (a mask of the kept ones and a max over [F, K], as first written,
+    cost as much as the ``topk``)."""
+    top, pos = torch.topk(values, keep + 1, dim=1, sorted=False)  # unsorted: twice as fast
+    smallest = top.argmin(1, keepdim=True)
+    dropped = top.gather(1, smallest).squeeze(1).double()
+    top.scatter_(1, smallest, top[:, keep:].clone())  # the last column takes the dropped one's place
+    pos.scatter_(1, smallest, pos[:, keep:].clone())
+    return top[:, :keep], pos[:, :keep], dropped
 
 
 def _below(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -151,10 +169,8 @@ class GoodfellowReference(SumState):
             new = torch.cat([self.top_values, new.to(self.top_values.dtype)], dim=1)
             index = torch.cat([self.top_index, index], dim=1)
         if keep is not None and keep < new.shape[1]:
-            kept, pos = torch.topk(new, keep, dim=1, sorted=False)  # unsorted: twice as fast
-            self.dropped_max = torch.maximum(
-                self.dropped_max, new.scatter(1, pos, -math.inf).amax(1).double()
-            )
+            kept, pos, dropped = _top(new, keep)
+            self.dropped_max = torch.maximum(self.dropped_max, dropped)
             new, index = kept, torch.gather(index, 1, pos)
         self.top_values, self.top_index = new.contiguous(), index.contiguous()
         self.pending, self.merged = [], self.n
@@ -200,8 +216,7 @@ class GoodfellowReference(SumState):
     def _merge_kept(self, keep: int) -> None:
         """Trim the kept values to ``keep`` per unit (recording the largest one dropped)."""
         if self.top_values is not None and keep < self.top_values.shape[1]:
-            kept, pos = torch.topk(self.top_values, keep, dim=1, sorted=False)
-            dropped = self.top_values.scatter(1, pos, -math.inf).amax(1).double()
+            kept, pos, dropped = _top(self.top_values, keep)
             self.dropped_max = torch.maximum(self.dropped_max, dropped)
             self.top_values, self.top_index = kept.contiguous(), torch.gather(self.top_index, 1, pos).contiguous()
 
@@ -287,9 +302,9 @@ class GoodfellowCounts(SumState):
             )
         return super().merge(other)
 
-    def update(self, block: torch.Tensor) -> None:
-        b = block.shape[0]
-        x = block.reshape(b, self.m, -1)
+    def _rows(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``block`` as [b, m, F] float32/float64 (shape checked) and the thresholds in its dtype."""
+        x = block.reshape(block.shape[0], self.m, -1)
         if x.shape[2] != self.num_features:
             raise ValueError(
                 f"expected {self.num_features} activations per sample, got {x.shape[2]}"
@@ -299,9 +314,14 @@ class GoodfellowCounts(SumState):
         t = self._below.get(x.dtype)
         if t is None:
             t = self._below[x.dtype] = _below(self.threshold, x.dtype)
+        return x, t
+
+    def update(self, block: torch.Tensor) -> None:
+        x, t = self._rows(block)
+        b = x.shape[0]
         rows = x.reshape(b * self.m, -1)
-        # Fused compare-count-check: 3.5 ms against 6.6 ms for the torch ops below on a
-        # [256, 25088] float32 block, 2 cores (best of 30); both ≈ 8× summing a bool tensor.
+        # Fused compare-count-check: 1.6-1.9 ms against 6.6 ms for the torch ops below on a
+        # [256, 25088] float32 block, 2 cores (best of 20).
         if self.numba:
             bad = _count_above(
                 np.ascontiguousarray(rows.numpy()), t.numpy(), self.count_all.numpy(), 256
@@ -314,7 +334,25 @@ class GoodfellowCounts(SumState):
             self.count_all += (ones @ (rows > t).to(x.dtype)).long()
             # One sum is cheaper than isfinite(x) and is NaN or inf as soon as one value is.
             self._finite = self._finite and bool(torch.isfinite(rows.sum()))
-        # Z's pairs (sample, unit) in this block: a contiguous run of the sorted sample indices.
+        self._count_firing(x, t)
+
+    def update_with(self, moments: Any, block: torch.Tensor) -> bool:
+        """Update ``moments`` and these counts with ``block`` in one read of it (the moments
+        kernel counts the values above the thresholds): 0.2 ms instead of 1.6-1.9 ms for the
+        counts on a [256, 25088] float32 block. False, with nothing updated, where that kernel
+        does not run (torch backend, another layer shape); then update each on its own."""
+        shared = isinstance(moments, STMoments) and moments.backend == "numba"
+        if not (self.numba and shared and (moments.m, moments.num_features) == (self.m, self.num_features)):
+            return False
+        x, t = self._rows(block)
+        bad = moments.update(x, above=(t.numpy(), self.count_all.numpy()))
+        self._finite = self._finite and bad == 0
+        self._count_firing(x, t)
+        return True
+
+    def _count_firing(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        """Z's pairs (sample, unit) in this block: a contiguous run of the sorted sample indices."""
+        b = x.shape[0]
         ref = self.reference
         lo, hi = torch.searchsorted(
             ref.fire_sample,

@@ -32,7 +32,7 @@ In a pass of the explorer (200 images × 16 rotations, TV + SV + NV + element NV
 from 1.15 s to 0.47 s beside 2.0 s of forwards. The same arithmetic as torch ops costs ≈ 4–7
 forward-times (float64 copies of the block, seven passes). Tried and kept: tiles of 256 (16…1024
 measured), numba's OpenMP pool instead of its workqueue (1.75 → 1.31 × forward);
-``OMP_WAIT_POLICY=PASSIVE`` and one numba thread measured no gain. The readout of SV (``sample``:
+``OMP_WAIT_POLICY=PASSIVE`` and one numba thread measured no gain; fewer images per forward, so that a block is still in cache when the hook reads it, lost more than it gained (500 × 25, variance family, ratio to bare forwards of the same size: 1.62–1.76 at 25 images per forward, 1.46–1.55 at 50, 1.38–1.49 at 100, 1.20–1.25 at 250; the bare forwards themselves 10.8, 9.7, 9.6–10.0 and 10.5–10.7 s). With Goodfellow in the pass, the kernel also counts the values above its thresholds (``above``) while each row is in L1. The readout of SV (``sample``:
 the column variances, their square roots and their mean over transformations) is a second fused
 kernel: a jackknife with K blocks reads it out K + 1 times per layer, and as torch ops (seven
 passes, four [m, F] temporaries) it and the tree's merges are memory-bound
@@ -68,6 +68,8 @@ except ImportError:  # pragma: no cover - exercised only in broken installs
 __all__ = ["Moments", "STMoments", "check_backend", "numba_available", "use_numba"]
 
 _TILE = 256  # activations per parallel work item (fastest of 16…256 measured on 2 cores)
+_NO_LIMIT = {torch.float32: np.zeros(0, np.float32), torch.float64: np.zeros(0, np.float64)}
+_NO_COUNTS = np.zeros(0, np.int64)  # the kernel counts nothing
 
 
 def numba_available() -> bool:
@@ -92,8 +94,11 @@ def use_numba(backend: str, device: torch.device) -> bool:
 if _HAVE_NUMBA:
 
     @numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
-    def _fused_update(x, shift, col_s1, col_s2, row_std_sum, row_var_sum, tile):  # pragma: no cover
-        # x: [b, m, F] (float32 or float64, C-contiguous); all other arrays float64.
+    def _fused_update(x, shift, col_s1, col_s2, row_std_sum, row_var_sum, above, counts, tile):  # pragma: no cover
+        # x: [b, m, F] (float32 or float64, C-contiguous); shift, sums float64. With ``counts``
+        # ([F] int64, empty for none) it also adds #{values > above} per activation (``above``
+        # [F], x's dtype: Goodfellow's thresholds) in the same read, and returns how many values
+        # were NaN or ±inf (0 without counts).
         # Each work item owns `tile` activations, so its column sums ([m, tile]) and row sums
         # ([tile]) stay in L1/L2 while every activation value is read from memory once. The
         # column and the row updates are two loops over the same row of x (the second reads it
@@ -101,7 +106,9 @@ if _HAVE_NUMBA:
         # limit and both loops are vectorised; one loop over six arrays ran scalar, 2-5x slower.
         # Same operations in the same order per activation: bit-identical results.
         b, m, nf = x.shape
+        count = counts.shape[0] > 0
         n_tiles = (nf + tile - 1) // tile
+        bad = np.zeros(n_tiles, np.int64)  # per work item: a scalar reduction trips numba's parfor pass
         for t in numba.prange(n_tiles):
             f0 = t * tile
             w = min(nf, f0 + tile) - f0
@@ -110,6 +117,9 @@ if _HAVE_NUMBA:
             r1 = np.empty(w)
             r2 = np.empty(w)
             x0 = np.empty(w)
+            c = np.zeros(w if count else 0, np.int32)  # < 2^31 rows per call
+            limit = above[f0 : f0 + w]
+            nonfinite = 0
             for i in range(b):
                 xi = x[i]
                 for f in range(w):
@@ -129,6 +139,11 @@ if _HAVE_NUMBA:
                         r = np.float64(row[f]) - x0[f]
                         r1[f] += r
                         r2[f] += r * r
+                    if count:  # the row is in L1: ≈ 0.2 ms on a [256, 25088] block, 1.6 ms alone
+                        for f in range(w):
+                            v = row[f]
+                            c[f] += np.int32(v > limit[f])
+                            nonfinite += np.int32((v - v) != 0.0)  # NaN for NaN and ±inf
                 for f in range(w):
                     var = (r2[f] - r1[f] * r1[f] / m) / (m - 1)
                     if var < 0.0:  # rounding can leave -1e-17 for (near-)constant rows
@@ -139,6 +154,11 @@ if _HAVE_NUMBA:
                 for f in range(w):
                     col_s1[j, f0 + f] += cs1[j, f]
                     col_s2[j, f0 + f] += cs2[j, f]
+            if count:
+                for f in range(w):
+                    counts[f0 + f] += c[f]
+            bad[t] = nonfinite
+        return bad.sum()
 
 
     @numba.njit(parallel=True, cache=True, nogil=True)
@@ -195,16 +215,19 @@ class STMoments(SumState):
         return self.columns.n
 
     # ------------------------------------------------------------------ updates
-    def update(self, block: torch.Tensor) -> None:
-        """Add a block of rows: ``block`` [b, m, F] (or [b, m, ...], flattened here)."""
+    def update(self, block: torch.Tensor, above: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+        """Add a block of rows: ``block`` [b, m, F] (or [b, m, ...], flattened here).
+
+        ``above`` = (thresholds [F] of the block's dtype, counts [F] int64), numba backend only:
+        the same read of the block also adds to ``counts`` the values above the thresholds (how
+        :class:`~.goodfellow_states.GoodfellowCounts` shares it). Returns how many values were
+        NaN or ±inf when counting, else 0."""
         b = block.shape[0]
-        block = block.reshape(b, self.m, -1)
-        if block.shape[2] != self.num_features:
-            raise ValueError(f"expected {self.num_features} activations per sample, got {block.shape[2]}")
-        if block.dtype not in (torch.float32, torch.float64):
-            block = block.float()
+        block = self._rows(block)
         cols = self.columns
         if self.backend == "torch":
+            if above is not None:
+                raise ValueError("STMoments.update: counting needs the numba backend")
             cols.update(block)
             x = block.to(torch.float64)
             r = x - x[:, :1]
@@ -212,18 +235,31 @@ class STMoments(SumState):
             var.clamp_(min=0.0)
             self.row_var_sum += var.sum(0)
             self.row_std_sum += var.sqrt().sum(0)
-            return
+            return 0
+        limit, counts = above if above is not None else (_NO_LIMIT[block.dtype], _NO_COUNTS)
         cols.start(block[0])
-        _fused_update(
+        bad = _fused_update(
             np.ascontiguousarray(block.numpy()),
             cols.shift.numpy(),
             cols.s1.numpy(),
             cols.s2.numpy(),
             self.row_std_sum.numpy(),
             self.row_var_sum.numpy(),
+            limit,
+            counts,
             _TILE,
         )
         cols.n += b
+        return int(bad)
+
+    def _rows(self, block: torch.Tensor) -> torch.Tensor:
+        """``block`` as [b, m, F] float32/float64, its shape checked."""
+        block = block.reshape(block.shape[0], self.m, -1)
+        if block.shape[2] != self.num_features:
+            raise ValueError(f"expected {self.num_features} activations per sample, got {block.shape[2]}")
+        if block.dtype not in (torch.float32, torch.float64):
+            block = block.float()
+        return block
 
     def merge(self, other: STMoments) -> STMoments:
         """Add another state's samples to this one (exact; Chan-style shift change)."""
