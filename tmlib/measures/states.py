@@ -226,7 +226,7 @@ class ShiftedMoments(SumState):
             return
         d = x.to(torch.float64) - self.shift
         self.s1 += d.sum(0)
-        self.s2 += (d * d).sum(0)
+        self.s2 += d.square_().sum(0)  # in place: one temporary of x's size, not two
         self.n += x.shape[0]
 
     def copy(self) -> ShiftedMoments:
