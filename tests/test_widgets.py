@@ -446,6 +446,23 @@ def test_a_view_seen_before_is_not_drawn_again(setup, monkeypatch):
     assert len(drawn) == 2 and len(explorer._pngs) == 1  # bounded
 
 
+def test_a_new_layer_moves_the_curve_s_mark_instead_of_drawing_it_anew(setup):
+    model, x, ts = setup
+    explorer = widgets.Explorer({"tiny": model}, {"random": x}, {"r": ts}, n_samples=N, max_st_samples=ST,
+                                layer="inner.0")
+    axes = explorer.curve.figure.axes[0]
+    lines = len(axes.lines)
+    explorer.select(layer="inner.3")
+    value = float(explorer.data.results["NV"].layer_means()["inner.3"])
+    assert explorer.curve.figure.axes[0] is axes and len(axes.lines) == lines  # the same curves, one mark
+    point = next(line for line in axes.lines if line.get_label().startswith("inner.3"))
+    assert list(point.get_xdata()) == [3] and np.isclose(point.get_ydata()[0], value)
+    assert f"inner.3: {value:.3f}" in [t.get_text() for t in axes.get_legend().get_texts()]
+    assert not any(line.get_label().startswith("inner.0:") for line in axes.lines)
+    explorer.select(measure="TV")  # another measure: drawn anew
+    assert explorer.curve.figure.axes[0] is not axes and "TV" in explorer.curve.figure.axes[0].get_title()
+
+
 def _point(canvas, x: float, y: float, kind: str = "button_press") -> None:
     """What JupyterLab's ipympl view sends for a click (or a hover) at data point (x, y) of the
     panel's axes: figure pixels, y from the top."""

@@ -34,6 +34,7 @@ from .export import save_view, view_stem
 from .figures import (
     explorer_figure,
     figure_png,
+    mark_layer,
     plot_channel_values,
     plot_extreme_maps,
     plot_inputs,
@@ -284,7 +285,7 @@ class Explorer(Passes):
         d, measure, layer, unit = self.data, self.measure.value, self.layer.value, self.unit.value
         ylim = self.ylim()
         shown = (self.key(), tuple(self.others))
-        depends = {"curve": (measure, layer, ylim), "heatmap": (measure, layer, unit, ylim),
+        depends = {"curve": (measure, ylim, layer), "heatmap": (measure, layer, unit, ylim),
                    "st": (measure, layer, unit), "maps": (measure, layer), "inputs": ()}
         make = {
             "curve": lambda fig=None: plot_layer_curve(d, measure, layer, fig, others=self.others,
@@ -303,8 +304,13 @@ class Explorer(Passes):
         for name in panels:
             key = (name, *shown, *depends[name])
             if name in CANVASES:
-                if self._drawn.get(name) != key:
-                    canvas = getattr(self, name)
+                canvas = getattr(self, name)
+                if name == "curve" and self._drawn.get(name, ())[:-1] == key[:-1]:  # the layer alone
+                    if self._drawn[name] != key:
+                        mark_layer(canvas.figure.axes[0], d, measure, layer)
+                        self._drawn[name] = key
+                        redrawn.append(canvas)
+                elif self._drawn.get(name) != key:
                     canvas.figure.clear()
                     make[name](canvas.figure)
                     axes = canvas.figure.axes[0]  # the panel's own axes (a colorbar comes after it)

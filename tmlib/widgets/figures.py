@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure, SubFigure
 from matplotlib.ticker import MaxNLocator
 
@@ -20,6 +21,7 @@ from .data import LOW_MEANS, ExplorerData, channel_order
 __all__ = [
     "explorer_figure",
     "figure_png",
+    "mark_layer",
     "curve_frame",
     "plot_channel_heatmap",
     "plot_channel_values",
@@ -125,15 +127,25 @@ def plot_layer_curve(data: ExplorerData, measure: str, layer: str | None, canvas
     ylim = ylim or y_range(measure, [data, *(others or {}).values()])
     layer_curves(frame, ax=ax, ylabel=f"{measure} (mean over channels)", ylim=ylim,
                  title=f"(1) {measure} per layer")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.title.set_fontsize(9)
+    mark_layer(ax, data, measure, layer)
+    return canvas
+
+
+def mark_layer(ax: Axes, data: ExplorerData, measure: str, layer: str | None) -> None:
+    """Highlight ``layer`` on panel 1's axes (a dashed line and a marked point, its value in the
+    legend), replacing the layer marked before: a new layer on the same curves moves the mark
+    instead of drawing the panel anew (0.1 s of a layer change)."""
+    for artist in getattr(ax, "_tmlib_marks", ()):
+        artist.remove()
+    ax._tmlib_marks = []
     if layer is not None:
         k = data.layers.index(layer)
         value = float(data.results[measure].layer_means()[layer])
-        ax.axvline(k, color="tab:red", alpha=0.5, linestyle="--")
-        ax.plot([k], [value], marker="o", markersize=9, color="tab:red", label=f"{layer}: {value:.3f}")
-    ax.tick_params(axis="x", labelsize=7)
-    ax.title.set_fontsize(9)
+        ax._tmlib_marks = [ax.axvline(k, color="tab:red", alpha=0.5, linestyle="--"),
+                           *ax.plot([k], [value], marker="o", markersize=9, color="tab:red", label=f"{layer}: {value:.3f}")]
     ax.legend(fontsize=7)
-    return canvas
 
 
 def plot_channel_values(data: ExplorerData, measure: str, layer: str, unit: int | None = None,
