@@ -5,7 +5,9 @@ Measures, in one run and side by side:
       bare no_grad forwards of the same n·m warped images (same blocks, same batch size);
   (b) the number of images the model saw during evaluate (must be n·m);
   (c) peak memory: the process's peak RSS growth during evaluate, and the float64 accumulators.
-Also reports the same ratio for the torch (non-fused) statistics backend, for comparison.
+Also reports the same ratio for the eager torch-op statistics (the reference; what CUDA runs by
+default) and for the same update compiled by torch.compile (``backend="compile"``; its one-off
+compile is in the warm-up, not in the times), for comparison.
 
 With ``--sweep`` it prints instead how the ratio (fused statistics only) grows with n ∈ {250, 500,
 1000} and m ∈ {8, 25, 100}, and for SimpleConv with 64 filters, beside the accumulator memory of
@@ -74,10 +76,13 @@ def main() -> None:
     batch_size = default_batch_size(args.m)
     kw = dict(batch_size=batch_size, fill=dataset.fill, progress=False)
     evaluate(model, x[:4], ts, measures, **kw)  # warm-up: numba compile/cache load, allocator
+    start = time.perf_counter()
+    evaluate(model, x[:4], ts, measures, backend="compile", **kw)  # warm-up: torch.compile
+    compile_seconds = time.perf_counter() - start
 
     print(f"SimpleConv, n={args.n} MNIST test images × m={args.m} rotations = {args.n * args.m} images; "
           f"{batch_size} samples ({batch_size * args.m} images) per forward; {torch.get_num_threads()} threads")
-    rows = {"forward": [], "numba": [], "torch": []}
+    rows = {"forward": [], "numba": [], "torch": [], "compile": []}
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(args.repeats):  # interleaved, so that machine noise hits all three alike
         rows["forward"].append(bare_forwards(model, x, ts, batch_size, dataset.fill))
@@ -89,6 +94,9 @@ def main() -> None:
         start = time.perf_counter()
         evaluate(model, x, ts, measures, backend="torch", **kw)
         rows["torch"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        evaluate(model, x, ts, measures, backend="compile", **kw)
+        rows["compile"].append(time.perf_counter() - start)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     best = {k: min(v) for k, v in rows.items()}
     layers = results["NV[element,std]"].layer_names
@@ -98,6 +106,8 @@ def main() -> None:
     print(f"(a) bare forwards               {best['forward']:7.2f} s")
     print(f"    evaluate, fused numba stats {best['numba']:7.2f} s   ratio {best['numba'] / best['forward']:.2f}")
     print(f"    evaluate, torch-op stats    {best['torch']:7.2f} s   ratio {best['torch'] / best['forward']:.2f}")
+    print(f"    evaluate, torch.compile'd   {best['compile']:7.2f} s   ratio {best['compile'] / best['forward']:.2f}"
+          f"   (first call with its compile: {compile_seconds:.1f} s)")
     print(f"(b) images forwarded by evaluate: {images} (n·m = {args.n * args.m})")
     print(f"(c) peak RSS growth during the runs: {(rss_after - rss_before) / 1024:.0f} MiB; "
           f"float64 accumulators: {accumulators / 2**20:.0f} MiB for {features} activations in {len(layers)} layers")

@@ -1,5 +1,7 @@
 """The variance family against brute force and against properties it must have."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,9 @@ from torch import nn
 from tmlib import activations
 from tmlib import transforms as T
 from tmlib.measures import (
+    AnovaMeasure,
     NonFiniteActivationError,
+    NormalizedDistance,
     NormalizedVariance,
     SampleVariance,
     STMoments,
@@ -56,6 +60,27 @@ def test_states_merge_exactly():
     np.testing.assert_allclose(merged.column_mean(), whole.column_mean(), rtol=1e-12)
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_moments_equal_the_eager_torch_ops(small_cnn):
+    # backend="compile": the moments update compiled by torch.compile (one compile with dynamic
+    # shapes for every layer and block size, the last block short) against the eager torch ops,
+    # the reference; constant units keep NV's exact 0/0 → 1.
+    torch.manual_seed(4)
+    x, ts = torch.randn(11, 1, 8, 8), T.rotations(5)
+    measures = ALL + [AnovaMeasure(), NormalizedDistance()]
+    compiled = evaluate(small_cnn, x, ts, measures, batch_size=4, backend="compile", progress=False)
+    eager = evaluate(small_cnn, x, ts, measures, batch_size=4, backend="torch", progress=False)
+    for name, result in eager.items():
+        for layer in result.layer_names:
+            np.testing.assert_allclose(compiled[name][layer], result[layer], rtol=1e-12, atol=1e-300,
+                                       err_msg=f"{name} {layer}")
+    constant = evaluate(Constant(), x[:6], ts, [NormalizedVariance()], backend="compile", progress=False)
+    assert np.all(constant["NV[element,std]"]["Constant"] == 1.0)
+    with pytest.raises(ValueError, match="backend must be 'auto', 'numba', 'torch' or 'compile'"):
+        evaluate(small_cnn, x, ts, measures, backend="triton", progress=False)
+
+
 class Constant(nn.Module):
     def __init__(self):
         super().__init__()
@@ -99,10 +124,13 @@ class GlobalAverage(nn.Module):
 
 
 def test_invariant_by_construction_reads_nv_zero():
+    # The rotated images' pixels are the same set, summed in another order: float32 rounding
+    # leaves NV at a few ulps (up to 1.1e-7 seen on unseeded inputs), not more.
+    torch.manual_seed(0)
     r = evaluate(GlobalAverage(), torch.randn(10, 3, 8, 8), T.c4(), NormalizedVariance(), progress=False)
     values = r["NV[element,std]"]["GlobalAverage"]
     assert values.shape == (3,)
-    assert np.all(np.abs(values) < 1e-7)
+    assert np.all(np.abs(values) < 4 * np.finfo(np.float32).eps)
 
 
 def test_division_convention_and_finite_layer_means():

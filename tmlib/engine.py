@@ -392,8 +392,10 @@ def evaluate(
         fill: background value for warps; None = ``x.fill`` for tmlib datasets, else 0.
         progress: show a tqdm progress bar (True), nothing (False), or call ``progress(done, n)``
             after every block.
-        backend: statistics kernel, ``"auto"`` (fused numba kernel on the CPU), ``"numba"``,
-            ``"torch"``.
+        backend: statistics kernel, ``"auto"`` (fused numba kernel on the CPU, eager torch ops
+            elsewhere), ``"numba"``, ``"torch"`` (eager, the reference) or ``"compile"`` (the
+            moments update compiled by torch.compile into one fused kernel, the other states'
+            torch ops; a one-off compile of seconds, needs a C++ compiler on the CPU).
         metadata: extra entries for every result's metadata (e.g. ``{"model": "SimpleConv"}``).
         blocks: K ≥ 2 (at most n) for a delete-one-block jackknife of every layer mean, at no
             extra forward: the n samples are split into K contiguous blocks (:func:`block_bounds`:

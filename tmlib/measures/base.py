@@ -84,7 +84,7 @@ class PassContext:
         m: number of transformations.
         n: number of samples of the pass (None when states are fed by hand).
         device: where the model and the accumulators live.
-        backend: statistics kernel, ``"auto"``, ``"numba"`` or ``"torch"``.
+        backend: statistics kernel, one of :data:`~tmlib.measures.moments.BACKENDS`.
         ts: the transformation set (None when states are fed by hand without one).
         fill: background value used for the warps.
     """
