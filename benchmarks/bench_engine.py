@@ -13,7 +13,7 @@ With ``--sweep`` it prints instead how the ratio (fused statistics only) grows w
 1000} and m ∈ {8, 25, 100}, and for SimpleConv with 64 filters, beside the accumulator memory of
 one pass per layer (``PassStates.nbytes``) against the formula (3m + 2)·F·8 bytes.
 
-Usage: python benchmarks/bench_engine.py [--n 500] [--m 25] [--repeats 3] [--sweep]
+Usage: python benchmarks/bench_engine.py [--n 500] [--m 25] [--repeats 3] [--sweep] [--device cuda]
 """
 
 from __future__ import annotations
@@ -46,14 +46,28 @@ class CountingModel(torch.nn.Module):
         return self.inner(x)
 
 
+def synchronize(device) -> None:
+    """Wait for the device's queued work (the clock stops after the GPU finished, not before)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bare_forwards(model, x, ts, batch_size, fill) -> float:
-    # Warp first, outside the clock: the ratio compares measuring with forwards only.
+    # Warp first, outside the clock: the ratio compares measuring with forwards only. On the
+    # device x is on (the model's): the warps run where the measurement runs them.
     blocks = [ts.apply(x[i : i + batch_size], fill=fill).flatten(0, 1) for i in range(0, len(x), batch_size)]
+    synchronize(x.device)
     start = time.perf_counter()
     with torch.no_grad():
         for block in blocks:
             model(block)
+    synchronize(x.device)
     return time.perf_counter() - start
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="where the model, the images and the states live "
+                        "(e.g. cuda; the statistics then run as torch ops, or compiled)")
 
 
 def main() -> None:
@@ -62,28 +76,34 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sweep", action="store_true", help="the ratio over n, m and a wider model")
+    add_device_argument(parser)
     args = parser.parse_args()
     if args.sweep:
+        if args.device != "cpu":
+            parser.error("--sweep measures the CPU path; leave out --device")
         sweep(args.repeats)
         return
 
     torch.manual_seed(0)
     dataset = data.load("mnist", "test", n=args.n)
     x, _ = dataset.tensors()
+    x = x.to(args.device)
     ts = transforms.rotations(args.m)
-    model = CountingModel(models.SimpleConv()).eval()
+    model = CountingModel(models.SimpleConv()).eval().to(args.device)
     measures = [TransformationVariance(), SampleVariance(), NormalizedVariance()]
     batch_size = default_batch_size(args.m)
-    kw = dict(batch_size=batch_size, fill=dataset.fill, progress=False)
+    kw = dict(batch_size=batch_size, fill=dataset.fill, progress=False, device=args.device)
     evaluate(model, x[:4], ts, measures, **kw)  # warm-up: numba compile/cache load, allocator
     start = time.perf_counter()
     evaluate(model, x[:4], ts, measures, backend="compile", **kw)  # warm-up: torch.compile
     compile_seconds = time.perf_counter() - start
 
     print(f"SimpleConv, n={args.n} MNIST test images × m={args.m} rotations = {args.n * args.m} images; "
-          f"{batch_size} samples ({batch_size * args.m} images) per forward; {torch.get_num_threads()} threads")
+          f"{batch_size} samples ({batch_size * args.m} images) per forward; {torch.get_num_threads()} threads; "
+          f"device {args.device}")
     rows = {"forward": [], "numba": [], "torch": [], "compile": []}
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    auto = "fused numba stats" if torch.device(args.device).type == "cpu" else "auto (torch ops)"
     for _ in range(args.repeats):  # interleaved, so that machine noise hits all three alike
         rows["forward"].append(bare_forwards(model, x, ts, batch_size, dataset.fill))
         model.images = 0
@@ -104,7 +124,7 @@ def main() -> None:
     accumulators = features * (3 * args.m + 2) * 8  # STMoments: shift, Σ, Σ² [m, F] and two row sums [F]
 
     print(f"(a) bare forwards               {best['forward']:7.2f} s")
-    print(f"    evaluate, fused numba stats {best['numba']:7.2f} s   ratio {best['numba'] / best['forward']:.2f}")
+    print(f"    evaluate, {auto:17s} {best['numba']:7.2f} s   ratio {best['numba'] / best['forward']:.2f}")
     print(f"    evaluate, torch-op stats    {best['torch']:7.2f} s   ratio {best['torch'] / best['forward']:.2f}")
     print(f"    evaluate, torch.compile'd   {best['compile']:7.2f} s   ratio {best['compile'] / best['forward']:.2f}"
           f"   (first call with its compile: {compile_seconds:.1f} s)")

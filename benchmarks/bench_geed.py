@@ -7,7 +7,7 @@ action), under exact C4 and under 25 sampled rotations (SimpleConv only: the ste
 action is defined for C4). Each G-EED pass runs twice: with the fused CPU kernels (the default) and
 with ``backend="torch"`` (the torch ops: the GPU path, and the CPU path before the kernels).
 
-Usage: python benchmarks/bench_geed.py [--n 500] [--repeats 3]
+Usage: python benchmarks/bench_geed.py [--n 500] [--repeats 3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 import time
 
 import torch
-from bench_engine import bare_forwards
+from bench_engine import add_device_argument, bare_forwards
 
 from tmlib import data, models, transforms
 from tmlib.engine import default_batch_size
@@ -29,21 +29,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
+    add_device_argument(parser)
     args = parser.parse_args()
 
     torch.manual_seed(0)
     dataset = data.load("mnist", "test", n=args.n)
     x, _ = dataset.tensors()
+    x = x.to(args.device)
     cases = [
         ("SimpleConv(16)", models.SimpleConv(filters=16, fc_units=64).eval(), transforms.c4()),
         ("SimpleConv(16)", models.SimpleConv(filters=16, fc_units=64).eval(), transforms.rotations(25)),
         ("SteerableCNN C4 (8,16,32)", SteerableCNN(fields=(8, 16, 32)).eval(), transforms.c4()),
     ]
-    print(f"n={args.n} MNIST test images, {torch.get_num_threads()} threads, best of {args.repeats}")
+    print(f"n={args.n} MNIST test images, {torch.get_num_threads()} threads, device {args.device}, best of {args.repeats}")
     for label, model, ts in cases:
+        model = model.to(args.device)
         batch_size = default_batch_size(len(ts))
         measures = geed_measures(model, ts)
-        kw = {"batch_size": batch_size, "fill": dataset.fill, "progress": False}
+        kw = {"batch_size": batch_size, "fill": dataset.fill, "progress": False, "device": args.device}
         evaluate(model, x[:8], ts, measures, **kw)  # warm-up (and numba's compilation)
         bare, full, ops = [], [], []
         for _ in range(args.repeats):  # interleaved, so that the machine's drift hits all three alike

@@ -7,7 +7,7 @@ that pass is reported separately, as a ratio to bare forwards of the same n imag
 same-equivariance family (TVSE, SVSE, NVSE sharing the de-transformed moments, and DSES: every
 feature map warped back, or its reference warped, per transformation) on the same images.
 
-Usage: python benchmarks/bench_measures.py [--n 500] [--m 25] [--repeats 3]
+Usage: python benchmarks/bench_measures.py [--n 500] [--m 25] [--repeats 3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 import time
 
 import torch
-from bench_engine import CountingModel, bare_forwards
+from bench_engine import CountingModel, add_device_argument, bare_forwards
 
 from tmlib import data, models, transforms
 from tmlib.engine import default_batch_size
@@ -40,19 +40,21 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--m", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=3)
+    add_device_argument(parser)
     args = parser.parse_args()
 
     torch.manual_seed(0)
     dataset = data.load("mnist", "test", n=args.n)
     x, _ = dataset.tensors()
+    x = x.to(args.device)
     ts = transforms.rotations(args.m)
-    model = CountingModel(models.SimpleConv()).eval()
+    model = CountingModel(models.SimpleConv()).eval().to(args.device)
     variance_family = [TransformationVariance(), SampleVariance(), NormalizedVariance(), AnovaMeasure(), NormalizedDistance()]
     everything = variance_family + [GoodfellowMeasure()]
     same_equivariance = [TransformationVarianceSE(), SampleVarianceSE(), NormalizedVarianceSE(),
                          DistanceSameEquivariance()]
     batch_size = default_batch_size(args.m)
-    kw = dict(batch_size=batch_size, fill=dataset.fill, progress=False)
+    kw = dict(batch_size=batch_size, fill=dataset.fill, progress=False, device=args.device)
     evaluate(model, x[:8], ts, everything + same_equivariance, **kw)  # warm-up: numba compile/cache load
 
     identity = transforms.identity()
@@ -72,7 +74,8 @@ def main() -> None:
     best = {k: min(v) for k, v in times.items()}
     # Goodfellow's reference pass is the only extra forward work: n images, one per sample.
     threshold_pass = best["forward n"]
-    print(f"SimpleConv, n={args.n} × m={args.m} rotations, {torch.get_num_threads()} threads, best of {args.repeats}")
+    print(f"SimpleConv, n={args.n} × m={args.m} rotations, {torch.get_num_threads()} threads, device {args.device}, "
+          f"best of {args.repeats}")
     print(f"bare forwards of the n·m warped images       {best['forward n·m']:7.2f} s   ratio 1")
     print(f"TV+SV+NV+ANOVA+ND (one shared state)         {best['variance family']:7.2f} s   "
           f"ratio {best['variance family'] / best['forward n·m']:.2f}")
