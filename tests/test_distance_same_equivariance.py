@@ -415,5 +415,10 @@ def test_the_fused_map_distances_equal_the_torch_ops(normalize):
                     r = r / r.norm() if r.norm() > 0 else r
                 brute[c] += float(((a - r) ** 2).mean().sqrt())
     np.testing.assert_allclose(fused.numpy(), brute, rtol=1e-12)
+    # expected stored [m, b, …] (warp_all(contiguous=False)): read in place, the same bits
+    strided = expected.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided.is_contiguous()
+    assert torch.equal(map_distance_sums(y, strided, normalize, fused=True), fused)
+    np.testing.assert_allclose(map_distance_sums(y, strided, normalize, fused=False).numpy(), ops.numpy(), rtol=1e-15)
     with pytest.raises(ValueError, match="differ"):
         map_distance_sums(y, expected[:, :2], normalize, fused=True)

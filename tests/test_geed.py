@@ -291,6 +291,30 @@ def test_fused_geed_products_equal_the_torch_ops(dtype):
 
 
 @pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+def test_pair_products_read_the_warps_strided_view_as_its_copy(monkeypatch):
+    # warp_all(contiguous=False) leaves the m warps outermost in memory; the pair kernel reads that
+    # view without copying it, with the same sums in the same order: the same bits.
+    z = _orbits(torch.float32)
+    e = z.transpose(0, 1).contiguous().transpose(0, 1) * 0.5  # [b, m, D], stored [m, b, D]
+    assert not e.is_contiguous()
+    strided, copied = geed_kernels.pair_products(z, e, True), geed_kernels.pair_products(z, e.contiguous(), True)
+    for got, want, ops in zip(strided, copied, geed_kernels.pair_products(z, e, False)):
+        assert torch.equal(got, want)
+        torch.testing.assert_close(got, ops, rtol=1e-12, atol=1e-12)
+    x = torch.rand(3, 2, 9, 9, generator=torch.Generator().manual_seed(2))
+    ts = T.rotations(5)
+    view = ts.apply(x, contiguous=False)
+    assert not view.is_contiguous() and torch.equal(view, ts.apply(x))
+    # A latent-equivariance pass under sampled rotations takes that path (a spy on the kernel).
+    calls = []
+    kernel = geed_kernels._pair_kernel_outer
+    monkeypatch.setattr(geed_kernels, "_pair_kernel_outer", lambda *a: calls.append(1) or kernel(*a))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU()).eval()
+    evaluate(model, torch.rand(4, 1, 9, 9), ts, GEEDEquivariance(), progress=False)
+    assert calls
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
 def test_fused_moments_update_equals_the_torch_ops(monkeypatch):
     from tmlib.measures import states
 

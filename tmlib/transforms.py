@@ -123,11 +123,14 @@ class TransformationSet:
         inv = torch.linalg.inv(self.matrices)
         return TransformationSet(inv, [dict(p, inverse=True) for p in self.parameters], f"{self.name}⁻¹")
 
-    def apply(self, x: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
-        """All m transformations of every image: x [b, C, H, W] → [b, m, C, H, W] on x's device."""
+    def apply(self, x: torch.Tensor, fill: Fill = 0.0, contiguous: bool = True) -> torch.Tensor:
+        """All m transformations of every image: x [b, C, H, W] → [b, m, C, H, W] on x's device.
+        ``contiguous=False`` may return a strided view instead (the transformations outermost in
+        memory: :func:`~tmlib.warps.warp_all` computes them that way), for a reader that takes it
+        as it is and would pay for the copy otherwise."""
         # m sampling grids shared by the b images (warp_all): the same numbers as warping each of
         # the b·m (image, matrix) pairs, bit for bit (tests/test_transforms.py).
-        return warp_all(x, self.matrices, fill)
+        return warp_all(x, self.matrices, fill, contiguous=contiguous)
 
     def apply_each(self, y: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
         """Transformation j applied to slice j: y [b, m, C, H, W] → [b, m, C, H, W]."""
@@ -208,7 +211,7 @@ class ExactTransformationSet(TransformationSet):
     def subset(self, indices: Sequence[int]) -> ExactTransformationSet:
         return ExactTransformationSet([self.elements[i] for i in indices], self.name, self.size)
 
-    def apply(self, x: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, fill: Fill = 0.0, contiguous: bool = True) -> torch.Tensor:
         check_images(x)
         return torch.stack([self._apply_one(x, e) for e in self.elements], dim=1)
 

@@ -107,6 +107,32 @@ if numba_available():
 
 
     @numba.njit(parallel=True, cache=True, nogil=True)
+    def _pair_kernel_outer(a, e):  # pragma: no cover
+        # As _pair_kernel for a [b, m, D] and e stored [m, b, D] (e[j, i] pairs with a[i, j]):
+        # the same sums in the same order, so the same bits, without copying e into a's order.
+        b, m, d = a.shape
+        ae = np.zeros(b * m)
+        aa = np.zeros(b * m)
+        ee = np.zeros(b * m)
+        for k in numba.prange(b * m):
+            i = k // m
+            j = k - i * m
+            s_ae = 0.0
+            s_aa = 0.0
+            s_ee = 0.0
+            for f in range(d):
+                x = np.float64(a[i, j, f])
+                y = np.float64(e[j, i, f])
+                s_ae += x * y
+                s_aa += x * x
+                s_ee += y * y
+            ae[k] = s_ae
+            aa[k] = s_aa
+            ee[k] = s_ee
+        return ae, aa, ee
+
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
     def _unit_kernel(a, tile):  # pragma: no cover
         # a: [b, D]. Returns Σ_i a_i/‖a_i‖ ([D], zero rows left out), Σ_i ‖u_i‖², the zero rows.
         b, d = a.shape
@@ -151,6 +177,12 @@ def pair_products(a: torch.Tensor, e: torch.Tensor, fused: bool) -> tuple[torch.
     """For paired vectors ``a``, ``e`` [..., D]: (a·e, ‖a‖², ‖e‖²) in float64, shape [...]."""
     if a.shape != e.shape:
         raise ValueError(f"pair_products: a {tuple(a.shape)} and e {tuple(e.shape)} must have the same shape")
+    if fused and a.dim() == 3 and a.is_contiguous() and not e.is_contiguous() and e.transpose(0, 1).is_contiguous():
+        # e is the [b, m, D] view of an [m, b, D] array (warp_all(..., contiguous=False))
+        views = [numpy_view(a), numpy_view(e.transpose(0, 1))]
+        if all(v is not None for v in views):
+            ae, aa, ee = _pair_kernel_outer(*views)
+            return tuple(torch.from_numpy(t).reshape(a.shape[:-1]) for t in (ae, aa, ee))
     views = [numpy_view(t.reshape(-1, t.shape[-1]).contiguous()) for t in (a, e)] if fused else [None]
     if all(v is not None for v in views):
         ae, aa, ee = _pair_kernel(*views)

@@ -32,9 +32,10 @@ __all__ = ["map_distance_sums"]
 if numba_available():
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _distance_kernel(y, e, normalize):  # pragma: no cover
-        # y, e: [b, m, C, P] (P = H·W). Returns Σ_ij sqrt(mean_p (y − e)²) per channel, float64 [C],
-        # of y/‖y‖ and e/‖e‖ when normalising (an all-zero map stays zero).
+    def _distance_kernel(y, e, normalize, outer):  # pragma: no cover
+        # y, e: [b, m, C, P] (P = H·W); e stored [m, b, C, P] when ``outer`` (the layout warp_all
+        # computes: read as it is, not copied). Returns Σ_ij sqrt(mean_p (y − e)²) per channel,
+        # float64 [C], of y/‖y‖ and e/‖e‖ when normalising (an all-zero map stays zero).
         b, m, c, p = y.shape
         total = np.zeros(c)
         for k in numba.prange(c):
@@ -42,7 +43,7 @@ if numba_available():
             for i in range(b):
                 for j in range(m):
                     a = y[i, j, k]
-                    r = e[i, j, k]
+                    r = e[j, i, k] if outer else e[i, j, k]
                     sa = 1.0
                     sr = 1.0
                     if normalize:
@@ -71,9 +72,12 @@ def map_distance_sums(y: torch.Tensor, expected: torch.Tensor, normalize: bool, 
     numba), else float64 torch ops."""
     if y.shape != expected.shape:
         raise ValueError(f"map_distance_sums: y {tuple(y.shape)} and expected {tuple(expected.shape)} differ")
-    views = [numpy_view(t.flatten(-2).contiguous()) for t in (y, expected)] if fused else [None]
+    # expected as warp_all(contiguous=False) leaves it (the m warps outermost): read in place.
+    outer = not expected.is_contiguous() and expected.transpose(0, 1).is_contiguous()
+    stored = expected.transpose(0, 1) if outer else expected
+    views = [numpy_view(t.flatten(-2).contiguous()) for t in (y, stored)] if fused else [None]
     if all(v is not None for v in views) and views[0].dtype == views[1].dtype:
-        return torch.from_numpy(_distance_kernel(views[0], views[1], normalize))
+        return torch.from_numpy(_distance_kernel(views[0], views[1], normalize, outer))
     y, expected = y.to(torch.float64), expected.to(torch.float64)
     if normalize:
         y = l2_normalize_maps(y.flatten(-2)).unflatten(-1, y.shape[-2:])
