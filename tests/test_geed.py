@@ -307,11 +307,11 @@ def test_pair_products_read_the_warps_strided_view_as_its_copy(monkeypatch):
     assert not view.is_contiguous() and torch.equal(view, ts.apply(x))
     # A latent-equivariance pass under sampled rotations takes that path (a spy on the kernel).
     calls = []
-    kernel = geed_kernels._pair_kernel_outer
-    monkeypatch.setattr(geed_kernels, "_pair_kernel_outer", lambda *a: calls.append(1) or kernel(*a))
+    kernel = geed_kernels._pair_kernel
+    monkeypatch.setattr(geed_kernels, "_pair_kernel", lambda a, e, outer: calls.append(outer) or kernel(a, e, outer))
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU()).eval()
     evaluate(model, torch.rand(4, 1, 9, 9), ts, GEEDEquivariance(), progress=False)
-    assert calls
+    assert calls and all(calls)
 
 
 @pytest.mark.skipif(not numba_available(), reason="numba is not installed")

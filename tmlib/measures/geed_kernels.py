@@ -81,35 +81,13 @@ if numba_available():
         return zc, zz, cc
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _pair_kernel(a, e):  # pragma: no cover
-        # a, e: [p, D] paired rows. Returns a·e, ‖a‖², ‖e‖² ([p]) in float64. Running sums, not
-        # lanes as in _orbit_kernel: the Euclidean G-EED reads ‖a − e‖² = ‖a‖² + ‖e‖² − 2a·e,
-        # which cancels where a ≈ e, so another order of summation moves it by up to 1e-9 and
-        # the golden values (tests/golden) hold these sums' order.
-        p, d = a.shape
-        ae = np.zeros(p)
-        aa = np.zeros(p)
-        ee = np.zeros(p)
-        for k in numba.prange(p):
-            s_ae = 0.0
-            s_aa = 0.0
-            s_ee = 0.0
-            for f in range(d):
-                x = np.float64(a[k, f])
-                y = np.float64(e[k, f])
-                s_ae += x * y
-                s_aa += x * x
-                s_ee += y * y
-            ae[k] = s_ae
-            aa[k] = s_aa
-            ee[k] = s_ee
-        return ae, aa, ee
-
-
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def _pair_kernel_outer(a, e):  # pragma: no cover
-        # As _pair_kernel for a [b, m, D] and e stored [m, b, D] (e[j, i] pairs with a[i, j]):
-        # the same sums in the same order, so the same bits, without copying e into a's order.
+    def _pair_kernel(a, e, outer):  # pragma: no cover
+        # a: [b, m, D]; e: paired with it, [b, m, D], or stored [m, b, D] when ``outer`` (the
+        # layout of warp_all(contiguous=False): e[j, i] pairs with a[i, j], read without a copy).
+        # Returns a·e, ‖a‖², ‖e‖² ([b·m]) in float64. Running sums, not lanes as in _orbit_kernel:
+        # the Euclidean G-EED reads ‖a − e‖² = ‖a‖² + ‖e‖² − 2a·e, which cancels where a ≈ e, so
+        # another order of summation moves it by up to 1e-9 and the golden values (tests/golden)
+        # hold these sums' order.
         b, m, d = a.shape
         ae = np.zeros(b * m)
         aa = np.zeros(b * m)
@@ -117,12 +95,14 @@ if numba_available():
         for k in numba.prange(b * m):
             i = k // m
             j = k - i * m
+            row = a[i, j]
+            other = e[j, i] if outer else e[i, j]
             s_ae = 0.0
             s_aa = 0.0
             s_ee = 0.0
             for f in range(d):
-                x = np.float64(a[i, j, f])
-                y = np.float64(e[j, i, f])
+                x = np.float64(row[f])
+                y = np.float64(other[f])
                 s_ae += x * y
                 s_aa += x * x
                 s_ee += y * y
@@ -177,15 +157,14 @@ def pair_products(a: torch.Tensor, e: torch.Tensor, fused: bool) -> tuple[torch.
     """For paired vectors ``a``, ``e`` [..., D]: (a·e, ‖a‖², ‖e‖²) in float64, shape [...]."""
     if a.shape != e.shape:
         raise ValueError(f"pair_products: a {tuple(a.shape)} and e {tuple(e.shape)} must have the same shape")
-    if fused and a.dim() == 3 and a.is_contiguous() and not e.is_contiguous() and e.transpose(0, 1).is_contiguous():
-        # e is the [b, m, D] view of an [m, b, D] array (warp_all(..., contiguous=False))
-        views = [numpy_view(a), numpy_view(e.transpose(0, 1))]
-        if all(v is not None for v in views):
-            ae, aa, ee = _pair_kernel_outer(*views)
-            return tuple(torch.from_numpy(t).reshape(a.shape[:-1]) for t in (ae, aa, ee))
-    views = [numpy_view(t.reshape(-1, t.shape[-1]).contiguous()) for t in (a, e)] if fused else [None]
+    # e as warp_all(contiguous=False) leaves it ([b, m, D] over [m, b, D] memory): read in place.
+    outer = a.dim() == 3 and not e.is_contiguous() and e.transpose(0, 1).is_contiguous()
+    if outer:
+        views = [numpy_view(a.contiguous()), numpy_view(e.transpose(0, 1))] if fused else [None]
+    else:
+        views = [numpy_view(t.reshape(-1, 1, t.shape[-1]).contiguous()) for t in (a, e)] if fused else [None]
     if all(v is not None for v in views):
-        ae, aa, ee = _pair_kernel(*views)
+        ae, aa, ee = _pair_kernel(*views, outer)
         return tuple(torch.from_numpy(t).reshape(a.shape[:-1]) for t in (ae, aa, ee))
     a, e = a.to(torch.float64), e.to(torch.float64)
     return (torch.einsum("...d,...d->...", a, e), torch.einsum("...d,...d->...", a, a),
