@@ -99,7 +99,7 @@ class _Pass:
             lo, hi = max(bounds[k], start), min(bounds[k + 1], start + b)
             if lo < hi:
                 states = [per_block[k] for per_block in layer_states]
-                feed(states, block if hi - lo == b else block[lo - start : hi - start])
+                feed(states, block[lo - start : hi - start])
                 self.touched.extend(((spec, name), state) for spec, state in zip(self.specs, states))
 
     def run(self, batches, expand, device, progress: Progress, desc: str, n: int,

@@ -27,6 +27,7 @@ from .checks import check_images
 from .warps import Fill, degrees_to_radians, rotation_matrix, scale_matrix, translation_matrix, warp, warp_all
 
 __all__ = [
+    "apply_uncopied",
     "identity_index",
     "TransformationSet",
     "ExactTransformationSet",
@@ -147,6 +148,15 @@ class TransformationSet:
         if indices.shape != (x.shape[0],):
             raise ValueError(f"indices must have shape [{x.shape[0]}], got {tuple(indices.shape)}")
         return warp(x, self.matrices[indices].to(x.device), fill)
+
+
+def apply_uncopied(ts: Any, x: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
+    """``ts.apply(x, fill)`` left as the [b, m, …] view of the warps when ``ts`` is a
+    :class:`TransformationSet` (``contiguous=False``: no copy, for the kernels that read that
+    layout in place); any other set's own ``apply``, whose signature may lack the option."""
+    if isinstance(ts, TransformationSet):
+        return ts.apply(x, fill=fill, contiguous=False)
+    return ts.apply(x, fill=fill)
 
 
 class ExactTransformationSet(TransformationSet):

@@ -61,7 +61,7 @@ import pandas as pd
 import torch
 
 from ..results import MeasureResult
-from ..transforms import TransformationSet, identity_index
+from ..transforms import apply_uncopied, identity_index
 from .base import LayerInfo, LayerValue, Measure, PassContext, StatSpec
 from .functional import cosine_from_products, cosine_similarity
 from .geed_kernels import orbit_products, pair_products, unit_sums
@@ -279,13 +279,10 @@ def _layer_action(action: Any, layer: LayerInfo, ts: Any) -> Action | None:
         return lambda fx: fx.unsqueeze(1).expand(fx.shape[0], len(ts), *fx.shape[1:])
     if action == "spatial":
 
-        # A set of sampled matrices warps the m maps outermost in memory: read as that strided
-        # view by the pair kernel (geed_kernels.pair_products), not copied into [b, m, …] order.
-        strided = {"contiguous": False} if isinstance(ts, TransformationSet) else {}
-
         def spatial(fx: torch.Tensor) -> torch.Tensor:
             maps = fx.reshape(fx.shape[0], -1, *layer.shape[-2:])
-            return ts.apply(maps, fill=0.0, **strided).reshape(fx.shape[0], len(ts), *layer.shape)
+            # the warps as computed, m outermost: read in place by geed_kernels.pair_products
+            return apply_uncopied(ts, maps).reshape(fx.shape[0], len(ts), *layer.shape)
 
         return spatial
     return action  # a callable, or None

@@ -27,12 +27,15 @@ Units with G = 0 (constant or dead units: nothing lies strictly above t) get NaN
 means skip.
 
 Cost (measured, SimpleConv, 500 MNIST images × 25 rotations, 2 cores): n extra forwards (the
-reference pass: 0.04 of the n·m forwards) and its running top-K (``topk``, ``scatter``, ``cat``:
-≈ 0.75 s); in the main pass a compare-and-count per value. With a moments measure in the same
+reference pass: 0.04 of the n·m forwards) and its running top-K (``topk`` and ``cat``: ≈ 0.55 s,
+0.75 s while a ``scatter`` found the largest dropped value); in the main pass a compare-and-count
+per value. With a moments measure in the same
 pass (TV, SV, NV, ANOVA, ND) the moments kernel counts in its own read of the block
 (:meth:`~.goodfellow_states.GoodfellowCounts.update_with`: ≈ 0.2 ms more on a [256, 25088] block,
 where a separate read cost 7.5 ms as first written and 1.6-1.9 ms vectorised); alone, its own
-numba kernel (torch ops off the CPU). ``local="firing"`` adds a gather of Z's pairs (≈ 0.4 s).
+numba kernel (torch ops off the CPU). The counts over Z's pairs (``local="firing"``) are a
+gather of ≈ rate·n·F values per pass (≈ 0.4 s, mostly per-block overhead), done for both modes:
+they share one state.
 
 Memory: per unit, a running top-K of the untransformed activations with their sample indices
 (8 bytes an entry: float32 value, int32 index). It yields the exact percentile, G and the set Z

@@ -32,7 +32,12 @@ In a pass of the explorer (200 images × 16 rotations, TV + SV + NV + element NV
 from 1.15 s to 0.47 s beside 2.0 s of forwards. The same arithmetic as torch ops costs ≈ 4–7
 forward-times (float64 copies of the block, seven passes). Tried and kept: tiles of 256 (16…1024
 measured), numba's OpenMP pool instead of its workqueue (1.75 → 1.31 × forward);
-``OMP_WAIT_POLICY=PASSIVE`` and one numba thread measured no gain; fewer images per forward, so that a block is still in cache when the hook reads it, lost more than it gained (500 × 25, variance family, ratio to bare forwards of the same size: 1.62–1.76 at 25 images per forward, 1.46–1.55 at 50, 1.38–1.49 at 100, 1.20–1.25 at 250; the bare forwards themselves 10.8, 9.7, 9.6–10.0 and 10.5–10.7 s). With Goodfellow in the pass, the kernel also counts the values above its thresholds (``above``) while each row is in L1. The readout of SV (``sample``:
+``OMP_WAIT_POLICY=PASSIVE`` and one numba thread measured no gain; fewer images per forward, so
+that a block is still in cache when the hook reads it, lost more than it gained (500 × 25, variance
+family, ratio to bare forwards of the same size: 1.62–1.76 at 25 images per forward, 1.46–1.55 at
+50, 1.38–1.49 at 100, 1.20–1.25 at 250; the bare forwards themselves 10.8, 9.7, 9.6–10.0 and
+10.5–10.7 s). With Goodfellow in the pass, the kernel also counts the values above its thresholds
+(``above``) while each row is in L1. The readout of SV (``sample``:
 the column variances, their square roots and their mean over transformations) is a second fused
 kernel: a jackknife with K blocks reads it out K + 1 times per layer, and as torch ops (seven
 passes, four [m, F] temporaries) it and the tree's merges are memory-bound
@@ -45,6 +50,7 @@ at ~1e-7, above the 1e-9 the tests demand).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -205,17 +211,13 @@ def _torch_update(x, shift, col_s1, col_s2, row_std_sum, row_var_sum, m: int) ->
     row_std_sum += var.sqrt().sum(0)
 
 
-_COMPILED: list = []  # the compiled update, made on first use (a compile costs 3-25 s)
-
-
+@functools.cache  # made on first use: a compile costs 3-25 s
 def _compiled_update():
     """:func:`_torch_update` compiled once per process by ``torch.compile`` (dynamic shapes: one
     compile for every layer and block size; inductor's on-disk cache makes later processes'
     compiles 3-4 s). On a [16, 16, 25088] float32 block, 2 cores: 3.3-5.3 ms against 110-125 ms
     eager (the float64 copy fused away) and 5.5 ms for the numba kernel; rel 2e-16 from eager."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_torch_update, dynamic=True))
-    return _COMPILED[0]
+    return torch.compile(_torch_update, dynamic=True)
 
 
 class STMoments(SumState):

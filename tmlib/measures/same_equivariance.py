@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..transforms import TransformationSet, identity_index
+from ..transforms import apply_uncopied, identity_index
 from .base import LayerInfo, Measure, PassContext, StatSpec
 from .functional import divide_nv
 from .moments import STMoments, use_numba
@@ -193,7 +193,6 @@ class SameEquivarianceDistanceState(SumState):
     ) -> None:
         self.layer = layer
         self.ts = context.ts
-        self._strided = {"contiguous": False} if isinstance(self.ts, TransformationSet) else {}
         self.normalize = normalize
         self.m = context.m
         self.identity = identity_index(context.ts)
@@ -221,8 +220,8 @@ class SameEquivarianceDistanceState(SumState):
             fx = _maps(self.reference.read(self.cursor, b), self.layer, 1).to(
                 device=y.device, dtype=y.dtype
             )
-        # t_j F(x_i): [b, m, C', H, W]; for sampled matrices the view warp_all computes, uncopied
-        expected = self.ts.apply(fx, fill=0.0, **self._strided)
+        # t_j F(x_i): [b, m, C', H, W], as computed (m outermost): read in place by the kernel
+        expected = apply_uncopied(self.ts, fx)
         d = map_distance_sums(y, expected, self.normalize, self.fused)  # [C']
         self.total = d if self.total is None else self.total + d
         self.count += b * self.m
