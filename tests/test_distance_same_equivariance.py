@@ -422,3 +422,31 @@ def test_the_fused_map_distances_equal_the_torch_ops(normalize):
     np.testing.assert_allclose(map_distance_sums(y, strided, normalize, fused=False).numpy(), ops.numpy(), rtol=1e-15)
     with pytest.raises(ValueError, match="differ"):
         map_distance_sums(y, expected[:, :2], normalize, fused=True)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_dses_and_geed_latent_equivariance_share_one_set_of_warps(monkeypatch, fused):
+    # Both need t_j F(x_i) of every map (G-EED's spatial action on the identity column, DSES's
+    # expected maps): in one pass they are warped once per layer and block, the same numbers.
+    from tmlib.measures import GEEDEquivariance, states
+
+    if fused and not states._HAVE_NUMBA:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(states, "_HAVE_NUMBA", fused)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, padding=1)).eval()
+    x, ts = torch.randn(7, 1, 9, 9), T.rotations(6)
+    warps = []
+    apply = T.TransformationSet.apply
+    monkeypatch.setattr(T.TransformationSet, "apply",
+                        lambda self, x, fill=0.0, contiguous=True: warps.append(contiguous) or apply(self, x, fill, contiguous))
+    measures = [GEEDEquivariance(), DistanceSameEquivariance(), DistanceSameEquivariance(normalize=True)]
+    together = evaluate(model, x, ts, measures, batch_size=4, progress=False)
+    shared = warps.count(False)
+    alone = [next(iter(evaluate(model, x, ts, [m], batch_size=4, progress=False).values())) for m in measures]
+    blocks, layers = 2, 3
+    assert shared == 2 * blocks * layers  # the second DSES (normalised) warps on its own
+    assert warps.count(False) - shared == 3 * blocks * layers
+    for result, single in zip(together.values(), alone):
+        for layer in ("0", "1", "2"):
+            np.testing.assert_array_equal(np.asarray(result[layer]), np.asarray(single[layer]))

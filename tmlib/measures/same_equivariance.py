@@ -212,16 +212,24 @@ class SameEquivarianceDistanceState(SumState):
     def update(self, block: torch.Tensor) -> None:
         if not self.spatial:
             return
-        b = block.shape[0]
-        y = _maps(block, self.layer, 2)  # [b, m, C', H, W]
+        self.consume(*self.warped(block))
+
+    def warped(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's maps y = F(t_j x_i) and t_j F(x_i), both [b, m, C', H, W] (the warps as
+        computed, m outermost: read in place by the kernel); G-EED's spatial action of the same
+        set on the identity column is the same tensor (``LatentEquivarianceState.update_with``)."""
+        y = _maps(block, self.layer, 2)
         if self.identity is not None:
             fx = y[:, self.identity]
         else:
-            fx = _maps(self.reference.read(self.cursor, b), self.layer, 1).to(
+            fx = _maps(self.reference.read(self.cursor, block.shape[0]), self.layer, 1).to(
                 device=y.device, dtype=y.dtype
             )
-        # t_j F(x_i): [b, m, C', H, W], as computed (m outermost): read in place by the kernel
-        expected = apply_uncopied(self.ts, fx)
+        return y, apply_uncopied(self.ts, fx)
+
+    def consume(self, y: torch.Tensor, expected: torch.Tensor) -> None:
+        """Add the distances of one block: y and expected as :meth:`warped` gives them."""
+        b = y.shape[0]
         d = map_distance_sums(y, expected, self.normalize, self.fused)  # [C']
         self.total = d if self.total is None else self.total + d
         self.count += b * self.m
