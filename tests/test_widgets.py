@@ -463,6 +463,35 @@ def test_a_new_layer_moves_the_curve_s_mark_instead_of_drawing_it_anew(setup):
     assert explorer.curve.figure.axes[0] is not axes and "TV" in explorer.curve.figure.axes[0].get_title()
 
 
+def _pixels(figure) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = figure.canvas if hasattr(figure.canvas, "buffer_rgba") else FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba()).copy()
+
+
+def test_panels_updated_in_place_look_as_drawn_anew(setup):
+    # The channel bars and the ST matrix keep their axes across channels, layers (of another width
+    # too) and measures; what is on screen is what a new drawing of the same view gives, pixel for pixel.
+    model, x, ts = setup
+    explorer = widgets.Explorer({"tiny": model}, {"random": x}, {"r": ts}, n_samples=N, max_st_samples=ST,
+                                layer="inner.0")
+    channels, st = explorer.heatmap.figure.axes[0], explorer.st.figure.axes[0]
+    widths = {explorer.data.channels(layer) for layer in explorer.data.layers}
+    assert len(widths) > 1  # a layer of another width is among the views
+    for layer, unit, measure in [("inner.0", 2, "NV"), ("inner.3", 1, "TV"), (explorer.data.layers[-1], 0, "NV"),
+                                 ("inner.1", 3, "SV")]:
+        explorer.select(layer=layer, measure=measure, unit=unit)
+        assert explorer.heatmap.figure.axes[0] is channels and explorer.st.figure.axes[0] is st
+        fresh = Figure(figsize=explorer.heatmap.figure.get_size_inches(), dpi=explorer.heatmap.figure.dpi)
+        widgets.figures.plot_channel_values(explorer.data, measure, layer, unit, fresh, ylim=explorer.ylim())
+        np.testing.assert_array_equal(_pixels(explorer.heatmap.figure), _pixels(fresh))
+        fresh = Figure(figsize=explorer.st.figure.get_size_inches(), dpi=explorer.st.figure.dpi)
+        widgets.figures.plot_st_matrix(explorer.data, layer, unit, fresh, measure=measure)
+        np.testing.assert_array_equal(_pixels(explorer.st.figure), _pixels(fresh))
+
+
 def _point(canvas, x: float, y: float, kind: str = "button_press") -> None:
     """What JupyterLab's ipympl view sends for a click (or a hover) at data point (x, y) of the
     panel's axes: figure pixels, y from the top."""

@@ -311,7 +311,8 @@ class Explorer(Passes):
                         self._drawn[name] = key
                         redrawn.append(canvas)
                 elif self._drawn.get(name) != key:
-                    canvas.figure.clear()
+                    if name == "curve":  # the channels and the ST matrix update their axes in place
+                        canvas.figure.clear()
                     make[name](canvas.figure)
                     axes = canvas.figure.axes[0]  # the panel's own axes (a colorbar comes after it)
                     axes.format_coord = hover[name]()

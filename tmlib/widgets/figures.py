@@ -54,6 +54,26 @@ def _canvas(canvas: Canvas | None, size: tuple[float, float], **margins: float) 
     return fig
 
 
+def _reused_axes(canvas: Canvas, kind: tuple) -> Axes | None:
+    """The axes of ``canvas`` if they show panel ``kind`` already (a tag set when drawn: the
+    panel and what fixes its artists, e.g. the number of bars), to be updated in place; else None,
+    after clearing ``canvas`` for a new drawing. Updating in place keeps the axes and their
+    ticks: creating them anew is half the time of a redraw on screen (matplotlib's Tick objects
+    and the axes' clear)."""
+    axes = canvas.axes
+    if axes and getattr(axes[0], "_tmlib_panel", None) == kind:
+        return axes[0]
+    if axes or canvas.artists or canvas.texts:
+        canvas.clear()
+    return None
+
+
+def _title(ax: Axes, text: str, **kwargs) -> None:
+    """``ax``'s title at a fixed height: matplotlib otherwise places it above the axes'
+    decorations on every draw, measuring their bounding boxes (a sixth of a panel's render)."""
+    ax.set_title(text, y=1.0, **kwargs)
+
+
 def _margins_for(actual, designed: tuple[float, float], margins: dict[str, float]) -> dict[str, float]:
     """``margins`` (fractions of a ``designed``-size figure) as fractions of an ``actual``-size one."""
     (w, h), (dw, dh) = actual, designed
@@ -125,10 +145,9 @@ def plot_layer_curve(data: ExplorerData, measure: str, layer: str | None, canvas
     ax = canvas.subplots()
     frame = curve_frame(data, measure, others, label)
     ylim = ylim or y_range(measure, [data, *(others or {}).values()])
-    layer_curves(frame, ax=ax, ylabel=f"{measure} (mean over channels)", ylim=ylim,
-                 title=f"(1) {measure} per layer")
+    layer_curves(frame, ax=ax, ylabel=f"{measure} (mean over channels)", ylim=ylim)
     ax.tick_params(axis="x", labelsize=7)
-    ax.title.set_fontsize(9)
+    _title(ax, f"(1) {measure} per layer", fontsize=9)
     mark_layer(ax, data, measure, layer)
     return canvas
 
@@ -151,21 +170,29 @@ def mark_layer(ax: Axes, data: ExplorerData, measure: str, layer: str | None) ->
 def plot_channel_values(data: ExplorerData, measure: str, layer: str, unit: int | None = None,
                         canvas: Canvas | None = None, ylim: tuple[float, float] | None = None) -> Canvas:
     """Panel 2: the layer's per-channel values as bars, sorted ascending (most invariant left; tick
-    label = channel index, up to 64 channels), on the curve's y range; channel ``unit`` drawn in
-    red and its value written above the bars."""
+    label = channel index, up to 32 channels), on the curve's y range; channel ``unit`` drawn in
+    red and its value written above the bars. A ``canvas`` showing this panel already (another
+    channel, measure or layer) keeps its axes: the bars are set anew, or rebuilt for another width."""
     values = data.values(measure, layer)
-    canvas = _canvas(canvas, PANEL, left=0.125, right=0.98, bottom=0.2, top=0.91)
-    ax = canvas.subplots()
     per_channel = data.per_channel(measure, layer)
-    order = channel_order(data, measure, layer)
-    shown = values[order]
-    colors = ["tab:blue"] * len(order)
-    rank = None
     if unit is not None and per_channel:
         data.check(layer=layer, unit=unit)
-        rank = int(np.flatnonzero(order == unit)[0])
-        colors[rank] = "tab:red"
-    ax.bar(np.arange(len(order)), np.where(np.isfinite(shown), shown, 0.0), color=colors, width=0.85)
+    order = channel_order(data, measure, layer)
+    shown = np.where(np.isfinite(values[order]), values[order], 0.0)
+    canvas = _canvas(canvas, PANEL, left=0.125, right=0.98, bottom=0.2, top=0.91)
+    ax = _reused_axes(canvas, ("channels",))
+    if ax is None:
+        ax = canvas.subplots()
+        ax._tmlib_panel, ax._tmlib_note, ax._tmlib_bars = ("channels",), None, ()
+    if len(ax._tmlib_bars) != len(order):
+        if ax._tmlib_bars:
+            ax._tmlib_bars.remove()
+        ax._tmlib_bars = ax.bar(np.arange(len(order)), shown, color="tab:blue", width=0.85)
+        ax.relim()  # the x range of these bars only
+        ax.autoscale_view(scaley=False)
+    for bar, height, channel in zip(ax._tmlib_bars, shown, order):
+        bar.set_height(height)
+        bar.set_facecolor("tab:red" if per_channel and channel == unit else "tab:blue")
     ax.set_ylim(*(ylim or y_range(measure, [data])))
     if len(order) <= 32:
         ax.set_xticks(range(len(order)), [str(c) for c in order] if per_channel else [layer], fontsize=7,
@@ -175,12 +202,17 @@ def plot_channel_values(data: ExplorerData, measure: str, layer: str, unit: int 
     ax.set_xlabel(("channel (sorted by value, lowest left)" if len(order) <= 32 else f"{len(order)} channels, sorted "
                    "by value, lowest left") if per_channel else "one value per layer")
     ax.set_ylabel(f"{measure} (channel)")
-    if rank is not None:
-        ax.annotate(f"ch {unit}: {values[unit]:.3f}, rank {rank + 1}", (rank, shown[rank]), xytext=(0, 6), textcoords="offset points",
-                    ha="left" if rank < len(order) / 2 else "right", fontsize=8, color="tab:red",
-                    bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "tab:red", "alpha": 0.9})
+    if ax._tmlib_note is not None:
+        ax._tmlib_note.remove()
+        ax._tmlib_note = None
+    if unit is not None and per_channel:
+        rank = int(np.flatnonzero(order == unit)[0])
+        ax._tmlib_note = ax.annotate(
+            f"ch {unit}: {values[unit]:.3f}, rank {rank + 1}", (rank, shown[rank]), xytext=(0, 6),
+            textcoords="offset points", ha="left" if rank < len(order) / 2 else "right", fontsize=8, color="tab:red",
+            bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "tab:red", "alpha": 0.9})
     what = f"of its {len(values)} channels, sorted" if per_channel else "(one value per layer)"
-    ax.set_title(f"(2) {layer}: {measure} {what}", fontsize=9)  # the marked channel: its note
+    _title(ax, f"(2) {layer}: {measure} {what}", fontsize=9)  # the marked channel: its note
     return canvas
 
 
@@ -191,22 +223,31 @@ plot_channel_heatmap = plot_channel_values
 def plot_st_matrix(data: ExplorerData, layer: str, unit: int, canvas: Canvas | None = None,
                    measure: str | None = None) -> Canvas:
     """Panel 3a: the ST matrix of one channel: spatial mean for sample × transformation (the
-    channel's value of ``measure`` in the title)."""
+    channel's value of ``measure`` in the title). A ``canvas`` showing an ST matrix of the same
+    size (another channel or layer) is updated in place: the image's data and colour range."""
     st = data.st_matrix(layer, unit)
     canvas = _canvas(canvas, PANEL, left=0.12, right=0.92, bottom=0.24, top=0.91)
-    ax = canvas.subplots()
-    image = ax.imshow(st, cmap="magma", aspect="auto", interpolation="nearest")
     labels = data.transformation_labels
-    ticks = _columns(len(labels), 8)
-    ax.set_xticks(ticks, [labels[j] for j in ticks], rotation=60, ha="right", fontsize=7)
-    ax.set_xlabel("transformation")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(f"sample (first {st.shape[0]} of {data.n_samples})")
+    kind = ("st", st.shape, tuple(labels), data.n_samples)
+    ax = _reused_axes(canvas, kind)
+    if ax is None:
+        ax = canvas.subplots()
+        ax._tmlib_panel = kind
+        image = ax.imshow(st, cmap="magma", aspect="auto", interpolation="nearest")
+        ticks = _columns(len(labels), 8)
+        ax.set_xticks(ticks, [labels[j] for j in ticks], rotation=60, ha="right", fontsize=7)
+        ax.set_xlabel("transformation")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(f"sample (first {st.shape[0]} of {data.n_samples})")
+        canvas.colorbar(image, ax=ax, label="mean activation")
+    else:
+        image = ax.images[0]
+        image.set_data(st)
+        image.set_clim(float(np.nanmin(st)), float(np.nanmax(st)))  # as imshow scales a new image
     value = ""
     if measure is not None and data.per_channel(measure, layer):
         value = f" ({measure} = {data.values(measure, layer)[unit]:.3f})"
-    ax.set_title(f"(3) ST matrix of {layer}, channel {unit}{value}", fontsize=9)
-    canvas.colorbar(image, ax=ax, label="mean activation")
+    _title(ax, f"(3) ST matrix of {layer}, channel {unit}{value}", fontsize=9)
     return canvas
 
 
