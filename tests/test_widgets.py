@@ -472,8 +472,9 @@ def _pixels(figure) -> np.ndarray:
 
 
 def test_panels_updated_in_place_look_as_drawn_anew(setup):
-    # The channel bars and the ST matrix keep their axes across channels, layers (of another width
-    # too) and measures; what is on screen is what a new drawing of the same view gives, pixel for pixel.
+    # The channel bars, the ST matrix and the maps keep their axes across channels, layers (of
+    # another width or without maps too) and measures; what is on screen is what a new drawing of
+    # the same view gives, pixel for pixel.
     model, x, ts = setup
     explorer = widgets.Explorer({"tiny": model}, {"random": x}, {"r": ts}, n_samples=N, max_st_samples=ST,
                                 layer="inner.0")
@@ -490,6 +491,8 @@ def test_panels_updated_in_place_look_as_drawn_anew(setup):
         fresh = Figure(figsize=explorer.st.figure.get_size_inches(), dpi=explorer.st.figure.dpi)
         widgets.figures.plot_st_matrix(explorer.data, layer, unit, fresh, measure=measure)
         np.testing.assert_array_equal(_pixels(explorer.st.figure), _pixels(fresh))
+        fresh = widgets.figures.plot_extreme_maps(explorer.data, measure, layer)  # the maps' PNG: the same bytes
+        assert explorer.maps.value == widgets.figures.figure_png(fresh)
 
 
 def _point(canvas, x: float, y: float, kind: str = "button_press") -> None:

@@ -32,6 +32,7 @@ from torch import nn
 from .data import MEASURES, ExplorerCache, ExplorerData
 from .export import save_view, view_stem
 from .figures import (
+    PANEL,
     explorer_figure,
     figure_png,
     mark_layer,
@@ -146,6 +147,7 @@ class Explorer(Passes):
         self._loaded: dict[str, nn.Module] = {}
         self._pngs: OrderedDict[tuple, bytes] = OrderedDict()
         self._drawn: dict[str, tuple] = {}  # canvas → what it shows now (not redrawn for the same view)
+        self._maps_figure = Figure(figsize=PANEL)  # the maps' PNGs are rendered from it, updated in place
         self._initial_layer = layer
         self._quiet = False  # set while the explorer itself moves selectors: one redraw, not several
         self.background = bool(background)
@@ -292,7 +294,7 @@ class Explorer(Passes):
                                                        label=self.checkpoint.value, ylim=ylim),
             "heatmap": lambda fig=None: plot_channel_values(d, measure, layer, unit, fig, ylim=ylim),
             "st": lambda fig=None: plot_st_matrix(d, layer, unit, fig, measure=measure),
-            "maps": lambda: plot_extreme_maps(d, measure, layer),
+            "maps": lambda: plot_extreme_maps(d, measure, layer, self._maps_figure),
             "inputs": lambda: plot_inputs(d),
         }
         hover = {

@@ -64,7 +64,10 @@ def _reused_axes(canvas: Canvas, kind: tuple) -> Axes | None:
     if axes and getattr(axes[0], "_tmlib_panel", None) == kind:
         return axes[0]
     if axes or canvas.artists or canvas.texts:
-        canvas.clear()
+        kept = {name: getattr(canvas.subplotpars, name) for name in ("left", "right", "bottom", "top", "wspace", "hspace")}
+        canvas.clear()  # which resets a figure's margins to the defaults: the panel's are kept
+        if isinstance(canvas, Figure):
+            canvas.subplots_adjust(**kept)
     return None
 
 
@@ -261,7 +264,8 @@ def plot_extreme_maps(data: ExplorerData, measure: str, layer: str, canvas: Canv
                       limit: int = 8) -> Canvas:
     """Panel 3b: the chosen image's feature maps under the transformations for the layer's most
     and least invariant channel (by ``measure``, or, for a measure with one value per layer such as
-    G-EED, by the first per-channel measure of the layer); a line per channel for layers without maps."""
+    G-EED, by the first per-channel measure of the layer); a line per channel for layers without maps.
+    A ``canvas`` showing maps of the same size already is updated in place (the images' data)."""
     data.check(layer=layer, measure=measure)
     if not data.per_channel(measure, layer):
         measure = next((mm for mm in data.measures_for(layer) if data.per_channel(mm, layer)), measure)
@@ -279,20 +283,28 @@ def plot_extreme_maps(data: ExplorerData, measure: str, layer: str, canvas: Canv
         # axes per map: a sixteenth of the artists, a third of the drawing time.
         cols = _columns(maps.shape[0], limit)
         height, width = maps.shape[-2:]
-        axes = canvas.subplots(2, 1, squeeze=False)[:, 0]
+        kind = ("maps", height, width, tuple(labels[j] for j in cols))
+        reused = _reused_axes(canvas, kind) is not None  # another channel or layer of the same size
+        axes = canvas.axes[:2] if reused else canvas.subplots(2, 1, squeeze=False)[:, 0]
+        axes[0]._tmlib_panel = kind
         gap = np.full((height, 1), np.nan, dtype=np.float32)
         centres = [k * (width + 1) + (width - 1) / 2 for k in range(len(cols))]
         for row, (channel, title) in enumerate([(lowest, titles[0]), (highest, titles[1])]):
             chosen = maps[:, channel]
             strip = np.concatenate([part for j in cols for part in (chosen[j], gap)][:-1], axis=1)
             ax = axes[row]
-            ax.imshow(strip, cmap=GREY, vmin=float(chosen.min()), vmax=float(chosen.max()), interpolation="nearest")
-            ax.set_xticks(centres, [labels[j] for j in cols] if row == 1 else [], fontsize=7)
-            ax.set_yticks([])
-            ax.tick_params(length=0)
+            if reused:
+                ax.images[0].set_data(strip)
+                ax.images[0].set_clim(float(chosen.min()), float(chosen.max()))
+            else:
+                ax.imshow(strip, cmap=GREY, vmin=float(chosen.min()), vmax=float(chosen.max()), interpolation="nearest")
+                ax.set_xticks(centres, [labels[j] for j in cols] if row == 1 else [], fontsize=7)
+                ax.set_yticks([])
+                ax.tick_params(length=0)
             ax.set_ylabel(f"ch {channel}\n{measure}={values[channel]:.2f}", fontsize=8)
-            ax.set_title(title, fontsize=8, loc="left")
+            _title(ax, title, fontsize=8, loc="left")
     else:
+        _reused_axes(canvas, ("units",))  # cleared: the lines are drawn anew
         ax = canvas.subplots()
         for channel, title in [(lowest, titles[0]), (highest, titles[1])]:
             ax.plot(maps[:, channel], marker="o", markersize=3,
