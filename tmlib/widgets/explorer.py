@@ -312,9 +312,7 @@ class Explorer(Passes):
                         mark_layer(canvas.figure.axes[0], d, measure, layer)
                         self._drawn[name] = key
                         redrawn.append(canvas)
-                elif self._drawn.get(name) != key:
-                    if name == "curve":  # the channels and the ST matrix update their axes in place
-                        canvas.figure.clear()
+                elif self._drawn.get(name) != key:  # each panel clears, or updates in place, itself
                     make[name](canvas.figure)
                     axes = canvas.figure.axes[0]  # the panel's own axes (a colorbar comes after it)
                     axes.format_coord = hover[name]()

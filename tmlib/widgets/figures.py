@@ -63,12 +63,17 @@ def _reused_axes(canvas: Canvas, kind: tuple) -> Axes | None:
     axes = canvas.axes
     if axes and getattr(axes[0], "_tmlib_panel", None) == kind:
         return axes[0]
-    if axes or canvas.artists or canvas.texts:
+    _clear(canvas)
+    return None
+
+
+def _clear(canvas: Canvas) -> None:
+    """Empty ``canvas`` for a new drawing, keeping its margins (``Figure.clear`` resets them)."""
+    if canvas.axes or canvas.artists or canvas.texts:
         kept = {name: getattr(canvas.subplotpars, name) for name in ("left", "right", "bottom", "top", "wspace", "hspace")}
-        canvas.clear()  # which resets a figure's margins to the defaults: the panel's are kept
+        canvas.clear()
         if isinstance(canvas, Figure):
             canvas.subplots_adjust(**kept)
-    return None
 
 
 def _title(ax: Axes, text: str, **kwargs) -> None:
@@ -145,6 +150,7 @@ def plot_layer_curve(data: ExplorerData, measure: str, layer: str | None, canvas
     highlighted for ``layer=None``)."""
     data.check(layer=layer, measure=measure)
     canvas = _canvas(canvas, PANEL, left=0.1, right=0.98, bottom=0.25, top=0.91)
+    _clear(canvas)  # drawn anew: a new layer alone moves its mark (mark_layer)
     ax = canvas.subplots()
     frame = curve_frame(data, measure, others, label)
     ylim = ylim or y_range(measure, [data, *(others or {}).values()])
@@ -304,7 +310,7 @@ def plot_extreme_maps(data: ExplorerData, measure: str, layer: str, canvas: Canv
             ax.set_ylabel(f"ch {channel}\n{measure}={values[channel]:.2f}", fontsize=8)
             _title(ax, title, fontsize=8, loc="left")
     else:
-        _reused_axes(canvas, ("units",))  # cleared: the lines are drawn anew
+        _clear(canvas)  # the lines are drawn anew
         ax = canvas.subplots()
         for channel, title in [(lowest, titles[0]), (highest, titles[1])]:
             ax.plot(maps[:, channel], marker="o", markersize=3,
