@@ -138,6 +138,21 @@ def test_cifar_missing_names_absolute_path(tmp_path: Path, monkeypatch: pytest.M
     assert "torchvision.datasets.CIFAR10" in str(err.value)
 
 
+def test_indexing_by_int_and_slice_and_a_clear_error_otherwise() -> None:
+    images = torch.arange(5 * 4, dtype=torch.uint8).view(5, 1, 2, 2)
+    ds = ImageDataset(images, torch.tensor([0, 1, 2, 1, 0]), mean=(0.5,), std=(0.25,),
+                      classes=["a", "b", "c"], name="toy", split="test")
+    x, y = ds[1:4]  # a slice reads as a batch, like tensors() for a part
+    assert list(x.shape) == [3, 1, 2, 2] and y.tolist() == [1, 2, 1]
+    assert torch.equal(x, ds.tensors()[0][1:4]) and torch.equal(x[0], ds[1][0])
+    assert ds[-1][1] == 0 and ds[torch.tensor(2)][1] == 2 and ds[np.int64(3)][1] == 1
+    assert [label for _, label in ds] == [0, 1, 2, 1, 0]  # iteration stops at the end
+    with pytest.raises(IndexError, match="index 5 is out of range for 5 images"):
+        ds[5]
+    with pytest.raises(TypeError, match=r"index must be an int or a slice, got list.*subset"):
+        ds[[0, 1]]
+
+
 # --------------------------------------------------------------------------- MNIST (real)
 
 

@@ -30,6 +30,7 @@ import gzip
 import hashlib
 import io
 import numbers
+import operator
 import os
 import pickle
 import struct
@@ -170,9 +171,19 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        """Return (image float32 [C, H, W] normalised, label)."""
-        return self.normalize(self.images[index]), int(self.labels[index])
+    def __getitem__(self, index: int | slice) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, torch.Tensor]:
+        """(image float32 [C, H, W] normalised, label) for an int; for a slice, the batch
+        (images float32 [n, C, H, W], labels int64 [n]), as :meth:`tensors` gives for all."""
+        if isinstance(index, slice):
+            return self.normalize(self.images[index]), self.labels[index].clone()
+        try:
+            i = operator.index(index)
+        except TypeError:
+            raise TypeError(f"index must be an int or a slice, got {type(index).__name__}; "
+                            "for a list of indices use .subset(indices)") from None
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} is out of range for {len(self)} images")
+        return self.normalize(self.images[i]), int(self.labels[i])
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [..., C, H, W] -> float32 (x/255 - mean)/std, same shape."""
