@@ -243,8 +243,8 @@ def test_atomic_writes_are_fsynced_files_of_mode_0644(tmp_path, monkeypatch):
 # Lower layers never import higher ones. The facades (tmlib, tmlib.measures, tmlib.widgets, tmlib.lie)
 # sit above everything they re-export.
 LAYERS = [
-    {"paths", "files", "checks", "stats"},
-    {"results", "warps", "activations", "devices", "adapters"},
+    {"paths", "files", "checks", "stats", "jit"},
+    {"results", "warps", "warp_kernels", "activations", "devices", "adapters"},
     {"transforms"},
     {"measures.states", "measures.functional", "measures.base"},
     {"measures.moments", "measures.collection", "measures.goodfellow_states", "measures.geed_kernels"},

@@ -129,3 +129,46 @@ def test_shared_grids_give_the_pairwise_warps_bit_for_bit(fill):
     assert torch.equal(T.rotations(25).apply(x, fill=fill), warp_all(x, T.rotations(25).matrices, fill))
     with pytest.raises(ValueError, match=r"matrices must have shape \[m, 3, 3\]"):
         warp_all(x, torch.eye(3), fill)
+
+
+@pytest.mark.parametrize("fill", [0.0, -0.42, [0.5, -1.0, 2.0]])
+def test_the_sampling_tables_give_grid_samples_numbers_bit_for_bit(fill, monkeypatch):
+    # On the CPU the shared-grid warps (warp_all, warp_each) gather from tables built once per set
+    # and size (tmlib.warp_kernels); they must be what grid_sample gives, bit for bit, and they must
+    # actually run here (the test would otherwise compare grid_sample with itself).
+    from tmlib import warp_kernels
+    from tmlib.warps import warp, warp_all, warp_each
+
+    assert warp_kernels.available(torch.zeros(1, 1, 2, 2))  # its check on a test warp, before the spy
+    calls = []
+    real = warp_kernels.warp_planes
+    monkeypatch.setattr(warp_kernels, "warp_planes", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    gen = torch.Generator().manual_seed(3)
+    hard = T.combined(rotation=T.rotations(4), scale=T.scales(n_down=1, n_up=1), translation=T.translations())
+    for mats, (h, w) in ((T.rotations(25).matrices, (28, 28)), (hard.matrices[::5], (9, 14)), (T.c4().matrices, (7, 7))):
+        x = torch.randn(4, 3, h, w, generator=gen)
+        x[0, 1, h // 2, w // 3] = float("nan")  # non-finite values travel as grid_sample moves them
+        x[2, 0, 1, 1] = float("inf")
+        pairs = torch.stack([torch.stack([warp(x[i : i + 1], mats[j], fill)[0] for j in range(len(mats))])
+                             for i in range(len(x))])
+        got = warp_all(x, mats, fill)
+        assert torch.equal(got.isnan(), pairs.isnan()) and got.isnan().any()
+        assert torch.equal(got.nan_to_num(), pairs.nan_to_num())
+        y = torch.randn(2, len(mats), 3, h, w, generator=gen)
+        each = torch.stack([torch.stack([warp(y[i, j : j + 1], mats[j], fill)[0] for j in range(len(mats))])
+                            for i in range(len(y))])
+        assert torch.equal(warp_each(y, mats, fill), each)
+    assert warp_kernels.available(x) and len(calls) == 6
+    # Where the tables cannot reproduce grid_sample (or for float64, grads, other devices), the warps
+    # stay with grid_sample: the same numbers, by the reference path.
+    assert not warp_kernels.available(x.double()) and not warp_kernels.available(x.requires_grad_())
+    monkeypatch.setattr(warp_kernels, "_FUSED", None)  # both restored after the test
+    monkeypatch.setattr(warp_kernels, "_AGREES", True)
+    monkeypatch.setattr(warp_kernels, "_agrees", lambda fused: False)
+    assert not warp_kernels.available(torch.zeros(1, 1, 2, 2))
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    assert torch.equal(warp_all(x, T.rotations(5).matrices, fill), torch.stack(
+        [torch.stack([warp(x[i : i + 1], m, fill)[0] for m in T.rotations(5).matrices]) for i in range(2)]))
+    assert len(calls) == 6
+    with pytest.raises(ValueError, match=r"y must have shape \[b, m, C, H, W\] and matrices \[m, 3, 3\]"):
+        warp_each(torch.zeros(2, 3, 1, 4, 4), T.rotations(4).matrices)

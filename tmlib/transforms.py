@@ -24,7 +24,16 @@ from typing import Any
 import torch
 
 from .checks import check_images
-from .warps import Fill, degrees_to_radians, rotation_matrix, scale_matrix, translation_matrix, warp, warp_all
+from .warps import (
+    Fill,
+    degrees_to_radians,
+    rotation_matrix,
+    scale_matrix,
+    translation_matrix,
+    warp,
+    warp_all,
+    warp_each,
+)
 
 __all__ = [
     "apply_uncopied",
@@ -137,9 +146,7 @@ class TransformationSet:
         """Transformation j applied to slice j: y [b, m, C, H, W] → [b, m, C, H, W]."""
         if y.dim() != 5 or y.shape[1] != len(self):
             raise ValueError(f"y must have shape [b, {len(self)}, C, H, W], got {tuple(y.shape)}")
-        b, m = y.shape[:2]
-        idx = torch.arange(m, device=y.device).repeat(b)
-        return self.apply_indexed(y.reshape(b * m, *y.shape[2:]), idx, fill).reshape(y.shape)
+        return warp_each(y, self.matrices.to(y.device), fill)
 
     def apply_indexed(self, x: torch.Tensor, indices: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
         """Transformation ``indices[i]`` applied to image ``x[i]`` (used for augmentation)."""
@@ -224,6 +231,13 @@ class ExactTransformationSet(TransformationSet):
     def apply(self, x: torch.Tensor, fill: Fill = 0.0, contiguous: bool = True) -> torch.Tensor:
         check_images(x)
         return torch.stack([self._apply_one(x, e) for e in self.elements], dim=1)
+
+    def apply_each(self, y: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
+        if y.dim() != 5 or y.shape[1] != len(self):
+            raise ValueError(f"y must have shape [b, {len(self)}, C, H, W], got {tuple(y.shape)}")
+        b, m = y.shape[:2]
+        idx = torch.arange(m, device=y.device).repeat(b)
+        return self.apply_indexed(y.reshape(b * m, *y.shape[2:]), idx, fill).reshape(y.shape)
 
     def apply_indexed(self, x: torch.Tensor, indices: torch.Tensor, fill: Fill = 0.0) -> torch.Tensor:
         check_images(x)

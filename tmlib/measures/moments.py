@@ -58,18 +58,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..jit import HAVE_NUMBA as _HAVE_NUMBA  # the torch path below is the fallback and the GPU path
+from ..jit import numba
 from .base import LayerInfo, PassContext, StatSpec
 from .states import ShiftedMoments, SumState
-
-try:  # numba is a pinned dependency; the torch path below is the fallback and the GPU path.
-    import numba
-
-    # Prefer numba's OpenMP pool: handing the cores back and forth between torch's OpenMP threads
-    # and numba's own workqueue pool cost 30-40 % of the forward time in benchmarks/bench_engine.py.
-    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
-    _HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - exercised only in broken installs
-    _HAVE_NUMBA = False
 
 __all__ = ["BACKENDS", "Moments", "STMoments", "check_backend", "numba_available", "use_numba"]
 

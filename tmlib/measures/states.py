@@ -31,31 +31,18 @@ from __future__ import annotations
 
 import copy as _copy
 import math
-import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
+
+from ..jit import HAVE_NUMBA as _HAVE_NUMBA  # numba's pool and threading layer: see tmlib.jit
+from ..jit import numba
 
 __all__ = ["ShiftedMoments", "SumState", "numpy_view"]
 
 _REDUCTIONS = ("sum", "state", "cat")
-
-# numba's OpenMP threading layer does not honour numba.set_num_threads (measured: a process with
-# torch and numba set to 1 thread used 13.3 s of CPU in 7.4 s), so its pool size is fixed at import
-# by NUMBA_NUM_THREADS (default: every core). Where that is unset but OMP_NUM_THREADS is set, as
-# torchrun does for every rank, numba follows it: W ranks on a machine then use W·k threads, not W
-# times every core.
-if "NUMBA_NUM_THREADS" not in os.environ and os.environ.get("OMP_NUM_THREADS", "").isdigit():
-    os.environ["NUMBA_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
-
-try:  # numba is a pinned dependency; ShiftedMoments' torch ops are the fallback and the GPU path.
-    import numba
-    import numpy as np
-
-    _HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - exercised only in broken installs
-    _HAVE_NUMBA = False
 
 if _HAVE_NUMBA:
 
