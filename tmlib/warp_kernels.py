@@ -45,6 +45,7 @@ _FUSED: bool | None = None  # the arithmetic that reproduces grid_sample here; N
 _AGREES = False
 
 if HAVE_NUMBA:
+    import numpy as np
     from numba.extending import intrinsic
 
     @intrinsic
@@ -56,14 +57,16 @@ if HAVE_NUMBA:
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _warp_kernel(x, index, weight, out, inner, fused):  # pragma: no cover
-        # x [B, P + 1] planes, each ending in a 0 (what an outside neighbour reads: index P);
-        # index/weight [m, P, 4]. inner = 0: out [m, B, P], every plane by every table; else
-        # out [1, B, P], plane q by table (q // inner) % m. Plane-major: a plane (P + 1 values)
-        # stays in L1 while its tables stream past.
-        planes = x.shape[0]
-        tables, size = index.shape[0], index.shape[1]
+        # x [B, P] planes; index/weight [m, P, 4]. inner = 0: out [m, B, P], every plane by every
+        # table; else out [1, B, P], plane q by table (q // inner) % m. Plane-major: a plane,
+        # copied with a trailing 0 (what an outside neighbour reads: index P), stays in L1 while
+        # its tables stream past.
+        planes, size = x.shape
+        tables = index.shape[0]
         for q in numba.prange(planes):
-            xs = x[q]
+            xs = np.empty(size + 1, dtype=x.dtype)
+            xs[:size] = x[q]
+            xs[size] = 0
             first = (q // inner) % tables if inner else 0
             last = first + 1 if inner else tables
             for j in range(first, last):
@@ -134,9 +137,7 @@ def warp_planes(x: torch.Tensor, matrices: torch.Tensor, inner: int = 0) -> torc
         raise ValueError(f"x: {planes} maps are not [b, {m}, {inner}]")
     out = torch.empty((planes, h, w) if inner else (m, planes, h, w), dtype=x.dtype)
     flat = out.view(1 if inner else m, planes, h * w)
-    padded = torch.zeros(planes, h * w + 1, dtype=x.dtype)  # the trailing 0: what the outside reads
-    padded[:, : h * w] = x.reshape(planes, h * w)
-    _warp_kernel(padded.numpy(), index, weight, flat.numpy(), inner, bool(_FUSED))
+    _warp_kernel(x.reshape(planes, h * w).contiguous().numpy(), index, weight, flat.numpy(), inner, bool(_FUSED))
     return out
 
 
