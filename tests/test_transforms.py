@@ -162,8 +162,7 @@ def test_the_sampling_tables_give_grid_samples_numbers_bit_for_bit(fill, monkeyp
     # Where the tables cannot reproduce grid_sample (or for float64, grads, other devices), the warps
     # stay with grid_sample: the same numbers, by the reference path.
     assert not warp_kernels.available(x.double()) and not warp_kernels.available(x.requires_grad_())
-    monkeypatch.setattr(warp_kernels, "_FUSED", None)  # both restored after the test
-    monkeypatch.setattr(warp_kernels, "_AGREES", True)
+    monkeypatch.setattr(warp_kernels, "_ARITHMETIC", None)  # restored after the test
     monkeypatch.setattr(warp_kernels, "_agrees", lambda fused: False)
     assert not warp_kernels.available(torch.zeros(1, 1, 2, 2))
     x = torch.randn(2, 3, 6, 6, generator=gen)

@@ -6,8 +6,9 @@ latent equivariance and the same-equivariance measures). ``grid_sample`` compute
 pixel's four source indices and weights once per grid point and loops over the channels; with
 the images folded into the channels (:func:`tmlib.warps.warp_all`) that is once per block. The
 tables below go one step further: the indices and weights of an (m matrices, H, W) set are built
-once a session (an explorer's or a notebook's passes reuse them) and the kernel only gathers and adds, one plane (H·W values of one map, in L1) at a
-time, in parallel over planes.
+once a session (an explorer's or a notebook's passes reuse them) and the kernel only gathers and
+adds, one plane (H·W values of one map, in L1) at a time, in parallel over planes.
+:func:`grid_sample_all` is the reference they reproduce, and the path everywhere else.
 
 Same numbers as ``grid_sample``, bit for bit: the weights are formed with the arithmetic of its
 CPU kernel (``x = (g + 1)·W/2 − 0.5`` as one fused multiply-add, ``w = x − ⌊x⌋``, ``nw = (1 − w_y)
@@ -35,14 +36,15 @@ import torch.nn.functional as F
 
 from .jit import HAVE_NUMBA, numba
 
-__all__ = ["available", "sampling_table", "warp_planes"]
+__all__ = ["available", "grid_sample_all", "sampling_table", "warp_planes"]
 
 _TABLES: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
-_LOCK = threading.Lock()  # the explorer's background pass and the kernel's own thread share the tables
+_LOCK = threading.Lock()  # the explorer's background pass and the notebook's thread share the tables
 _CHECK = threading.Lock()  # the one check of the arithmetic
 _MAX_TABLES = 64  # (matrices, H, W) sets of one session: a few per layer size and transformation set
-_FUSED: bool | None = None  # the arithmetic that reproduces grid_sample here; None: not checked yet
-_AGREES = False
+# The arithmetic that reproduces grid_sample on this machine: "fused" or "plain"; "" where neither
+# does (grid_sample stays); None before the check.
+_ARITHMETIC: str | None = None
 
 if HAVE_NUMBA:
     import numpy as np
@@ -108,17 +110,28 @@ def _build(theta: torch.Tensor, h: int, w: int, fused: bool) -> tuple[Any, Any]:
             weight.reshape(shape).numpy().copy())
 
 
-def sampling_table(matrices: torch.Tensor, h: int, w: int) -> tuple[Any, Any]:
+def grid_sample_all(planes: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """The reference: maps [B, H, W] warped by content-mapping matrices [m, 3, 3] with
+    ``grid_sample`` (bilinear, outside = 0), one grid per matrix for all B maps: [m, B, H, W]."""
+    b, h, w = planes.shape
+    m = len(matrices)
+    theta = torch.linalg.inv(matrices.to(device=planes.device, dtype=torch.float64))[:, :2, :]
+    grid = F.affine_grid(theta.to(planes.dtype), [m, b, h, w], align_corners=False)
+    return F.grid_sample(planes.unsqueeze(0).expand(m, b, h, w), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
+
+
+def sampling_table(matrices: torch.Tensor, h: int, w: int, fused: bool) -> tuple[Any, Any]:
     """(index int32 [m, H·W, 4], weight float32 [m, H·W, 4]) of content-mapping matrices [m, 3, 3]
     on an H×W map: the four neighbours (nw, ne, sw, se; H·W = outside) of each output pixel and
-    their bilinear weights. Kept for the session (a few dozen sets)."""
+    their bilinear weights, by ``fused`` or plain arithmetic. Kept for the session (a few dozen sets)."""
     matrices = torch.as_tensor(matrices, dtype=torch.float64).cpu()
-    key = (matrices.numpy().tobytes(), h, w, _FUSED)
+    key = (matrices.numpy().tobytes(), h, w, fused)
     with _LOCK:
         table = _TABLES.get(key)
         if table is None:
             theta = torch.linalg.inv(matrices)[:, :2, :]
-            table = _TABLES[key] = _build(theta, h, w, bool(_FUSED))
+            table = _TABLES[key] = _build(theta, h, w, fused)
             while len(_TABLES) > _MAX_TABLES:
                 _TABLES.popitem(last=False)
         else:
@@ -126,48 +139,47 @@ def sampling_table(matrices: torch.Tensor, h: int, w: int) -> tuple[Any, Any]:
     return table
 
 
-def warp_planes(x: torch.Tensor, matrices: torch.Tensor, inner: int = 0) -> torch.Tensor:
-    """Maps x [B, H, W] (float32, CPU) warped by matrices [m, 3, 3], outside = 0. ``inner = 0``:
-    every map by every matrix, [m, B, H, W]. ``inner = k``: map q by matrix (q // k) % m, [B, H, W]
-    (x ordered [b, m, k]: slice j of each sample by matrix j). Only where :func:`available` says so."""
+def _warp(x: torch.Tensor, matrices: torch.Tensor, inner: int, fused: bool) -> torch.Tensor:
     planes, h, w = x.shape
-    index, weight = sampling_table(matrices, h, w)
+    index, weight = sampling_table(matrices, h, w, fused)
     m = len(index)
     if inner and planes % (m * inner):
         raise ValueError(f"x: {planes} maps are not [b, {m}, {inner}]")
     out = torch.empty((planes, h, w) if inner else (m, planes, h, w), dtype=x.dtype)
     flat = out.view(1 if inner else m, planes, h * w)
-    _warp_kernel(x.reshape(planes, h * w).contiguous().numpy(), index, weight, flat.numpy(), inner, bool(_FUSED))
+    _warp_kernel(x.reshape(planes, h * w).contiguous().numpy(), index, weight, flat.numpy(), inner, fused)
     return out
 
 
+def warp_planes(x: torch.Tensor, matrices: torch.Tensor, inner: int = 0) -> torch.Tensor:
+    """Maps x [B, H, W] (float32, CPU) warped by matrices [m, 3, 3], outside = 0. ``inner = 0``:
+    every map by every matrix, [m, B, H, W]. ``inner = k``: map q by matrix (q // k) % m, [B, H, W]
+    (x ordered [b, m, k]: slice j of each sample by matrix j). Only where :func:`available` says so."""
+    return _warp(x, matrices, inner, _ARITHMETIC == "fused")
+
+
 def _agrees(fused: bool) -> bool:
-    global _FUSED
-    _FUSED = fused
+    """Whether the tables by this arithmetic give grid_sample's numbers on a test warp."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 2, 9, 13, generator=gen)
+    x = torch.randn(6, 9, 13, generator=gen)
     angles = torch.tensor([0.3, -1.1, 2.5], dtype=torch.float64)
     c, s = angles.cos(), angles.sin()
     mats = torch.zeros(3, 3, 3, dtype=torch.float64)
     mats[:, 0, 0], mats[:, 0, 1], mats[:, 1, 0], mats[:, 1, 1] = c * 1.1, s, -s, c * 0.9
     mats[:, 0, 2], mats[:, 1, 2], mats[:, 2, 2] = 0.07, -0.13, 1.0
-    theta = torch.linalg.inv(mats)[:, :2, :].float()
-    grid = F.affine_grid(theta, [3, 6, 9, 13], align_corners=False)
-    want = F.grid_sample(x.reshape(1, 6, 9, 13).expand(3, 6, 9, 13), grid, align_corners=False)
-    got = warp_planes(x.reshape(6, 9, 13), mats)
-    return torch.equal(got, want)
+    return torch.equal(_warp(x, mats, 0, fused), grid_sample_all(x, mats))
 
 
 def available(x: torch.Tensor) -> bool:
     """Whether x's warps can come from the tables: numba installed, x a float32 CPU tensor that
     numba can read, and the tables reproducing grid_sample on this machine (checked once)."""
-    global _FUSED, _AGREES
+    global _ARITHMETIC
     if not HAVE_NUMBA or x.device.type != "cpu" or x.dtype != torch.float32 or x.requires_grad:
         return False
     if torch._C._functorch.is_functorch_wrapped_tensor(x):
         return False
-    if _FUSED is None:
+    if _ARITHMETIC is None:
         with _CHECK:
-            if _FUSED is None:
-                _AGREES = _agrees(True) or _agrees(False)
-    return _AGREES
+            if _ARITHMETIC is None:
+                _ARITHMETIC = "fused" if _agrees(True) else "plain" if _agrees(False) else ""
+    return bool(_ARITHMETIC)

@@ -125,10 +125,7 @@ def warp_all(x: torch.Tensor, matrices: torch.Tensor, fill: Fill = 0.0, contiguo
     if warp_kernels.available(folded):  # the same numbers from tables built once per set and size
         out = warp_kernels.warp_planes(folded.reshape(b * c, h, w), matrices)
     else:
-        theta = torch.linalg.inv(matrices.to(device=x.device, dtype=torch.float64))[:, :2, :]
-        grid = F.affine_grid(theta.to(x.dtype), [m, b * c, h, w], align_corners=False)
-        folded = folded.reshape(1, b * c, h, w).expand(m, b * c, h, w)
-        out = F.grid_sample(folded, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out = warp_kernels.grid_sample_all(folded.reshape(b * c, h, w), matrices)
     out = out.reshape(m, b, c, h, w).transpose(0, 1)
     if fill_t is not None:
         out = out + fill_t
