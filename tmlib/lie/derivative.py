@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -11,9 +12,10 @@ from torch import nn
 
 from ..activations import LayerObserver
 from ..checks import check_images
+from . import forward_mode
 from .tangents import OUTPUT, check_model, generator_matrix, tangents
 
-__all__ = ["batches", "default_layers", "equivariant_correction", "jvp_many", "layer_function", "lie_derivative", "normalise_layers"]
+__all__ = ["JVP_METHODS", "batches", "check_jvp_method", "default_layers", "equivariant_correction", "jvp_many", "layer_function", "lie_derivative", "normalise_layers"]
 
 
 def default_layers(model: Any) -> list[str]:
@@ -69,8 +71,35 @@ def layer_function(model: Any, layers: list[str]) -> Callable[[torch.Tensor], tu
 # ---------------------------------------------------------------------------------- forward mode
 
 
-def jvp_many(fn: Callable, x: torch.Tensor, vs: torch.Tensor, vectorize: bool = True):
-    """Primal outputs of fn(x) and their JVPs along each tangent vs[i]: (tuple, tuple of [k, ...])."""
+#: Functions whose forward called something :mod:`tmlib.lie.forward_mode` has no rule for: they go
+#: to torch.func from their second batch on (the closures of one measurement, so one try each).
+_NEEDS_TORCH_FUNC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+JVP_METHODS = ("auto", "tangents", "torch.func")
+
+
+def check_jvp_method(method: Any, argument: str = "jvp") -> str:
+    if not isinstance(method, str) or method not in JVP_METHODS:
+        raise ValueError(f"{argument} must be one of {JVP_METHODS}, got {method!r}")
+    return method
+
+
+def jvp_many(fn: Callable, x: torch.Tensor, vs: torch.Tensor, vectorize: bool = True, method: str = "auto"):
+    """Primal outputs of fn(x) and their JVPs along each tangent vs[i]: (tuple, tuple of [k, ...]).
+
+    ``method``: ``"tangents"`` propagates the k tangents beside one plain forward
+    (:mod:`tmlib.lie.forward_mode`; :class:`~tmlib.lie.forward_mode.Unsupported` where the forward
+    calls a function it has no rule for), ``"torch.func"`` runs ``vmap(jvp)`` (a loop of ``jvp``
+    with ``vectorize=False``), ``"auto"`` the first and, where it is unsupported, the second.
+    """
+    check_jvp_method(method, "method")
+    if method == "tangents" or (method == "auto" and fn not in _NEEDS_TORCH_FUNC):
+        try:
+            return forward_mode.jvp_tangents(fn, x, vs)
+        except forward_mode.Unsupported:
+            if method == "tangents":
+                raise
+            _NEEDS_TORCH_FUNC[fn] = True
     with warnings.catch_warnings():
         # torch's forward-AD decompositions call the deprecated torch.jit.script on their first use
         # (torch 2.14): a FutureWarning about torch itself that no caller can act on.
@@ -107,6 +136,7 @@ def lie_derivative(
     layer: str | None = None,
     fill: Any = None,
     equivariant: bool = False,
+    jvp: str = "auto",
 ) -> torch.Tensor:
     """Lie derivative ``L_h f(x) = J_f(x) v_h(x)`` of the model output or of one layer, by JVP.
 
@@ -120,6 +150,7 @@ def lie_derivative(
         equivariant: for image-shaped layer outputs [b, C', H', W'], subtract the tangent of the
             output itself (``J_f v_h(x) - v_h(f(x))``, same normalised coordinates), measuring
             equivariance; other shapes are unaffected.
+        jvp: ``"auto"``, ``"tangents"`` or ``"torch.func"`` (see :func:`jvp_many`).
 
     Returns:
         [b, *layer_shape] in the layer's dtype (per unit of the generator's parameter).
@@ -129,10 +160,11 @@ def lie_derivative(
     if layer is not None and not isinstance(layer, str):
         raise TypeError(f"layer must be a layer name (str) or None, got {type(layer).__name__}")
     layers = normalise_layers(model, layer, "layer")
+    check_jvp_method(jvp)
     gens = generator_matrix(generator).unsqueeze(0)
     vs = tangents(x, gens, fill)
     with torch.no_grad():
-        primal, jv = jvp_many(layer_function(model, layers), x, vs)
+        primal, jv = jvp_many(layer_function(model, layers), x, vs, method=jvp)
         out = jv[0][0]
         if equivariant:
             corr = equivariant_correction(primal[0], gens, fill)

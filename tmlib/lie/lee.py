@@ -24,7 +24,15 @@ from ..devices import on_model_device
 from ..engine import block_bounds
 from ..measures.states import ShiftedMoments
 from ..results import MeasureResult
-from .derivative import batches, default_layers, equivariant_correction, jvp_many, layer_function, normalise_layers
+from .derivative import (
+    batches,
+    check_jvp_method,
+    default_layers,
+    equivariant_correction,
+    jvp_many,
+    layer_function,
+    normalise_layers,
+)
 from .tangents import LEE_NORMALISATION, check_model, generator_list, tangents
 
 __all__ = ["LEEResult", "check_blocks", "lee", "lie_equivariance_error"]
@@ -129,7 +137,7 @@ class _Sums:
         return self
 
 
-def _accumulate(model, x, first, stop, bounds, gens, layers, batch_size, fill, equivariant, progress) -> _Sums:
+def _accumulate(model, x, first, stop, bounds, gens, layers, batch_size, fill, equivariant, progress, jvp) -> _Sums:
     """The LEE pass over samples first … stop − 1 of x."""
     fn = layer_function(model, layers)
     count = len(layers)
@@ -144,7 +152,7 @@ def _accumulate(model, x, first, stop, bounds, gens, layers, batch_size, fill, e
         for start, end in batches(stop - first, batch_size):
             start, end = start + first, end + first
             xb = x[start:end]
-            primal, jv = jvp_many(fn, xb, tangents(xb, gens, fill))
+            primal, jv = jvp_many(fn, xb, tangents(xb, gens, fill), method=jvp)
             for i, (p, d) in enumerate(zip(primal, jv)):
                 flat = p.reshape(end - start, -1)
                 if moments[i] is None:
@@ -181,6 +189,7 @@ def lee(
     progress: bool = True,
     blocks: int | None = None,
     distributed: bool | None = None,
+    jvp: str = "auto",
 ) -> LEEResult:
     """LEE of every requested layer along every generator, in one forward-mode run per batch.
 
@@ -200,6 +209,10 @@ def lee(
             of the samples (:func:`tmlib.distributed.rank_share`; whole blocks with ``blocks``),
             on the model's device (put it on ``cuda:LOCAL_RANK``), and the sums are gathered and
             merged in rank order, so every rank returns the same result.
+        jvp: how the JVPs are computed (:func:`tmlib.lie.derivative.jvp_many`): ``"auto"``
+            propagates the tangents beside one plain forward where every function the forward
+            calls has a rule (:mod:`tmlib.lie.forward_mode`) and runs ``torch.func`` otherwise;
+            ``"tangents"`` or ``"torch.func"`` insist on one.
 
     Returns:
         :class:`LEEResult` (its ``frame`` is what :func:`lie_equivariance_error` returns).
@@ -207,6 +220,7 @@ def lee(
     check_model(model)
     check_images(x, allow_empty=False)
     batch_size = check_int("batch_size", batch_size, 1)
+    check_jvp_method(jvp)
     names, gens = generator_list(generators)
     x = on_model_device(model, x)
     layers = default_layers(model) if layers is None else layers
@@ -221,7 +235,7 @@ def lee(
     def accumulate() -> _Sums:
         first, stop = span or (0, n)
         return _accumulate(model, x, first, stop, bounds, gens, layers, batch_size, fill, equivariant,
-                           progress and (span is None or _distributed.world()[0] == 0))
+                           progress and (span is None or _distributed.world()[0] == 0), jvp)
 
     if span is None:
         sums = accumulate()
@@ -287,6 +301,7 @@ def lie_equivariance_error(
     progress: bool = True,
     blocks: int | None = None,
     distributed: bool | None = None,
+    jvp: str = "auto",
 ) -> pd.DataFrame:
     """LEE of every requested layer along every generator, in one forward-mode run per batch.
 
@@ -296,7 +311,7 @@ def lie_equivariance_error(
             model has it, else the output.
         equivariant: see :func:`~tmlib.lie.lie_derivative` (image-shaped layers only).
         blocks: K for jackknife intervals (see :func:`lee`, which also returns the replicates).
-        distributed: see :func:`lee`.
+        distributed, jvp: see :func:`lee`.
 
     Returns:
         Tidy DataFrame, one row per (layer, generator) in forward order, columns ``layer``,
@@ -309,4 +324,4 @@ def lie_equivariance_error(
         (invariance/equivariance), ``normalisation``; with ``blocks`` also ``se``, ``low``,
         ``high``, ``relative_se``, ``relative_low``, ``relative_high`` (jackknife, 95 %).
     """
-    return lee(model, x, generators, layers, batch_size, fill, equivariant, progress, blocks, distributed).frame
+    return lee(model, x, generators, layers, batch_size, fill, equivariant, progress, blocks, distributed, jvp).frame

@@ -15,7 +15,7 @@ from .. import distributed as _distributed
 from ..checks import check_images, check_int
 from ..devices import on_model_device
 from ..engine import block_bounds
-from .derivative import batches, jvp_many, layer_function, normalise_layers
+from .derivative import batches, check_jvp_method, jvp_many, layer_function, normalise_layers
 from .lee import check_blocks, interval_columns
 from .tangents import (
     BASIS,
@@ -196,6 +196,7 @@ def liegg(
     output: str = "units",
     blocks: int | None = None,
     distributed: bool | None = None,
+    jvp: str = "auto",
 ) -> LieGGResult:
     """LieGG: the symmetries a network has learned, from its Lie derivatives on data x.
 
@@ -223,6 +224,7 @@ def liegg(
         distributed: across the ranks of a ``torch.distributed`` process group (None: when one
             is initialised), as for :func:`tmlib.lie.lee`: each rank its share of the samples,
             the Gram sums gathered, every rank the same result.
+        jvp: ``"auto"``, ``"tangents"`` or ``"torch.func"`` (see :func:`tmlib.lie.lee`).
     """
     check_model(model)
     check_images(x, allow_empty=False)
@@ -234,6 +236,7 @@ def liegg(
     if output not in LIEGG_OUTPUTS:
         raise ValueError(f"output must be one of {LIEGG_OUTPUTS}, got {output!r}")
     layers = normalise_layers(model, layer, "layer")
+    check_jvp_method(jvp)
     x = on_model_device(model, x)
     k = 6 if translations else 4
     basis = BASIS[:k]
@@ -255,7 +258,7 @@ def liegg(
             for start, stop in batches(last - first, batch_size):
                 start, stop = start + first, stop + first
                 xb = x[start:stop]
-                _, jv = jvp_many(fn, xb, tangents(xb, basis, fill))
+                _, jv = jvp_many(fn, xb, tangents(xb, basis, fill), method=jvp)
                 units = jv[0][0].reshape(stop - start, -1).shape[1]
                 e = jv[0].reshape(k, stop - start, units).double().cpu()  # [k, samples, units]
                 for b in range(len(bounds) - 1):  # the samples of this batch in block b

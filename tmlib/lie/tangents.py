@@ -127,12 +127,10 @@ def tangents(x: torch.Tensor, generators: torch.Tensor, fill: Any = None) -> tor
     hgt, wid = x.shape[-2:]
     ys = _pixel_coordinates(hgt, x.device, x.dtype).reshape(hgt, 1)
     xs = _pixel_coordinates(wid, x.device, x.dtype).reshape(1, wid)
-    out = []
-    for h in gens.to(x.dtype).tolist():
-        vx = h[0][0] * xs + h[0][1] * ys + h[0][2]  # (h u)_x at every pixel, [H, W]
-        vy = h[1][0] * xs + h[1][1] * ys + h[1][2]
-        out.append(-(gx * vx + gy * vy))
-    return torch.stack(out)
+    h = gens.to(x.device, x.dtype).reshape(-1, 3, 3, 1, 1, 1)  # [k, 3, 3] → per generator, broadcast over [C, H, W]
+    vx = h[:, 0, 0] * xs + h[:, 0, 1] * ys + h[:, 0, 2]  # (h u)_x at every pixel, [k, 1, H, W]
+    vy = h[:, 1, 0] * xs + h[:, 1, 1] * ys + h[:, 1, 2]
+    return -(gx * vx.unsqueeze(1) + gy * vy.unsqueeze(1))  # [k, b, C, H, W]
 
 
 def tangent(x: torch.Tensor, generator: str | torch.Tensor, fill: Any = None) -> torch.Tensor:
