@@ -114,7 +114,7 @@ def test_panel_figures_have_labelled_axes_and_the_right_data(explored):
     bars = widgets.plot_channel_values(data, "NV", layer)
     (ax,) = bars.axes
     assert ax.get_xlabel() and ax.get_ylabel() == "NV (channel)" and ax.get_ylim() == (0.0, 1.4)
-    heights = [patch.get_height() for patch in ax.patches]  # ascending: the most invariant left
+    heights, _ = widgets.channel_bars(bars)  # ascending: the most invariant left
     np.testing.assert_allclose(heights, np.sort(data.values("NV", layer)))
     order = widgets.channel_order(data, "NV", layer)
     assert [t.get_text() for t in ax.get_xticklabels()] == [str(c) for c in order]
@@ -247,8 +247,9 @@ def test_every_family_that_applies_to_the_layer_is_offered(explored, setup):
     with pytest.raises(ValueError, match="measure: 'NVSE' is not defined for layer 'inner.6' \\(no spatial"):
         data.values("NVSE", "inner.6")
     heat = widgets.plot_channel_values(data, "GEED-inv", "inner.3", 2)  # one value per layer: one bar, unmarked
-    assert [p.get_height() for p in heat.axes[0].patches] == pytest.approx(data.values("GEED-inv", "inner.3"))
-    assert heat.axes[0].patches[0].get_facecolor() == pytest.approx(to_rgba("tab:blue"))
+    heights, colours = widgets.channel_bars(heat)
+    assert heights == pytest.approx(data.values("GEED-inv", "inner.3"))
+    assert colours[0] == pytest.approx(to_rgba("tab:blue"))
     maps = widgets.plot_extreme_maps(data, "GEED-inv", "inner.3")  # channels ordered by NV instead
     order = widgets.channel_order(data, "NV", "inner.3")
     np.testing.assert_array_equal(maps.axes[0].images[0].get_array()[:, :4], data.maps["inner.3"][0, order[0]])
@@ -333,11 +334,13 @@ def test_marked_channel_and_its_value(explored):
     *_, data = explored
     layer, unit = "inner.3", 4
     values = data.values("NV", layer)
-    (ax,) = widgets.plot_channel_values(data, "NV", layer, unit).axes
+    panel = widgets.plot_channel_values(data, "NV", layer, unit)
+    (ax,) = panel.axes
     order = widgets.channel_order(data, "NV", layer)
     rank = int(np.flatnonzero(order == unit)[0])
-    red = [i for i, p in enumerate(ax.patches) if p.get_facecolor() == pytest.approx(to_rgba("tab:red"))]
-    assert red == [rank] and ax.patches[rank].get_height() == pytest.approx(values[unit])
+    heights, colours = widgets.channel_bars(panel)
+    red = [i for i, c in enumerate(colours) if c == pytest.approx(to_rgba("tab:red"))]
+    assert red == [rank] and heights[rank] == pytest.approx(values[unit])
     (note,) = ax.texts
     assert note.get_text() == f"ch {unit}: {values[unit]:.3f}, rank {rank + 1}"
     assert note.xy == (rank, pytest.approx(values[unit])) and ax.get_title().startswith(f"(2) {layer}: NV of its")
@@ -377,8 +380,8 @@ def test_export_buttons_write_the_view_and_its_values(two_checkpoints, tmp_path)
     for label, line in ((ln.get_label(), ln) for ln in ax.lines[:2]):
         np.testing.assert_allclose(curves.loc[curves["label"] == label, "value"], line.get_ydata())
     assert set(curves["label"]) == {"trained", "untrained"} and set(curves["measure"]) == {"NV"}
-    (bars,) = widgets.plot_channel_values(explorer.data, "NV", "inner.3", 2).axes
-    np.testing.assert_allclose(channels["value"], [p.get_height() for p in bars.patches])
+    np.testing.assert_allclose(channels["value"],
+                               widgets.channel_bars(widgets.plot_channel_values(explorer.data, "NV", "inner.3", 2))[0])
     assert channels["channel"].tolist() == widgets.channel_order(explorer.data, "NV", "inner.3").tolist()
     assert channels.loc[channels["selected"], "channel"].tolist() == [2]
     assert channels.loc[channels["selected"], "value"].item() == pytest.approx(explorer.data.values("NV", "inner.3")[2])

@@ -21,6 +21,7 @@ from .explorer import Explorer
 from .export import channel_frame, export_html, same_as_previous, save_view
 from .figures import (
     FIXED_RANGES,
+    channel_bars,
     curve_frame,
     explorer_figure,
     figure_png,
@@ -41,6 +42,7 @@ __all__ = [
     "ExplorerCache",
     "ExplorerData",
     "channel_at",
+    "channel_bars",
     "channel_frame",
     "channel_order",
     "compute",

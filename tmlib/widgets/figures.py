@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure, SubFigure
 from matplotlib.ticker import MaxNLocator
 
@@ -19,6 +20,7 @@ from ..plots import layer_curves
 from .data import LOW_MEANS, ExplorerData, channel_order
 
 __all__ = [
+    "channel_bars",
     "explorer_figure",
     "figure_png",
     "mark_layer",
@@ -192,16 +194,18 @@ def plot_channel_values(data: ExplorerData, measure: str, layer: str, unit: int 
     ax = _reused_axes(canvas, ("channels",))
     if ax is None:
         ax = canvas.subplots()
-        ax._tmlib_panel, ax._tmlib_note, ax._tmlib_bars = ("channels",), None, ()
-    if len(ax._tmlib_bars) != len(order):
-        if ax._tmlib_bars:
+        ax._tmlib_panel, ax._tmlib_note, ax._tmlib_bars = ("channels",), None, None
+    if ax._tmlib_bars is None or len(ax._tmlib_bars.get_paths()) != len(order):
+        if ax._tmlib_bars is not None:
             ax._tmlib_bars.remove()
-        ax._tmlib_bars = ax.bar(np.arange(len(order)), shown, color="tab:blue", width=0.85)
-        ax.relim()  # the x range of these bars only
-        ax.autoscale_view(scaley=False)
-    for bar, height, channel in zip(ax._tmlib_bars, shown, order):
-        bar.set_height(height)
-        bar.set_facecolor("tab:red" if per_channel and channel == unit else "tab:blue")
+        # One collection, not ax.bar's patch a bar: each patch's clip box and data-limit update
+        # go through matplotlib's transform tree (≈ 1.5 ms a bar: 0.28 s for 192 channels).
+        ax._tmlib_bars = ax.add_collection(PolyCollection(_bar_outlines(shown), linewidths=0), autolim=False)
+        margin = 0.05 * len(order)  # as autoscaling would leave beside bars 0.85 wide
+        ax.set_xlim(-0.425 - margin, len(order) - 0.575 + margin)
+    ax._tmlib_bars.set_verts(_bar_outlines(shown))
+    ax._tmlib_bars.set_facecolors(["tab:red" if per_channel and channel == unit else "tab:blue" for channel in order])
+    ax._tmlib_bars.heights = shown
     ax.set_ylim(*(ylim or y_range(measure, [data])))
     if len(order) <= 32:
         ax.set_xticks(range(len(order)), [str(c) for c in order] if per_channel else [layer], fontsize=7,
@@ -223,6 +227,20 @@ def plot_channel_values(data: ExplorerData, measure: str, layer: str, unit: int 
     what = f"of its {len(values)} channels, sorted" if per_channel else "(one value per layer)"
     _title(ax, f"(2) {layer}: {measure} {what}", fontsize=9)  # the marked channel: its note
     return canvas
+
+
+def _bar_outlines(heights: np.ndarray) -> np.ndarray:
+    """[n, 4, 2] corners of bars 0.85 wide at x = 0 … n − 1, from 0 to each height."""
+    x = np.arange(len(heights), dtype=np.float64)[:, None] + np.array([-0.425, -0.425, 0.425, 0.425])
+    y = np.asarray(heights, dtype=np.float64)[:, None] * np.array([0.0, 1.0, 1.0, 0.0])
+    return np.stack([x, y], axis=-1)
+
+
+def channel_bars(canvas: Canvas) -> tuple[np.ndarray, np.ndarray]:
+    """The bars of a :func:`plot_channel_values` panel, left to right: heights [n] and RGBA
+    colours [n, 4] (tab:red marks the selected channel)."""
+    bars = canvas.axes[0]._tmlib_bars
+    return np.asarray(bars.heights), np.asarray(bars.get_facecolors())
 
 
 #: The former name of :func:`plot_channel_values` (it drew a heatmap).
