@@ -135,6 +135,22 @@ def test_a_forward_without_rules_goes_to_torch_func(model, layers):
     assert not spent
 
 
+class ExpInPlace(nn.Module):
+    def forward(self, x):
+        return x.exp_().flatten(1)  # no rule for exp_: refused before it runs
+
+
+def test_an_in_place_op_without_a_rule_is_refused_before_it_changes_the_input():
+    x0 = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    vs = torch.randn(K, *x0.shape, dtype=torch.float64)
+    x, reference_x = x0.clone(), x0.clone()
+    with torch.no_grad():
+        auto = jvp_many(layer_function(ExpInPlace(), ["output"]), x, vs)
+        reference = jvp_many(layer_function(ExpInPlace(), ["output"]), reference_x, vs, method="torch.func")
+    assert torch.equal(x, reference_x) and torch.equal(x, x0.exp())  # the model's own change, once
+    assert_same(auto, reference, rel=0)
+
+
 def test_lee_and_liegg_are_the_same_by_either_method(small_cnn):
     torch.manual_seed(0)
     x = torch.randn(6, 1, 8, 8, dtype=torch.float64)

@@ -184,23 +184,13 @@ def _sigmoid(tangents, out, args, kwargs):
 
 def _batch_norm(tangents, out, args, kwargs):
     names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-    bound = dict(zip(names, args)) | kwargs
-    if bound.get("training", False):
-        raise Unsupported("batch_norm in training mode (its statistics depend on the batch)")
+    bound = dict(zip(names, args)) | kwargs  # batch statistics were refused before the call
     tangent = _first(tangents, [bound["input"], bound["running_mean"], bound["running_var"], bound.get("weight"),
                                 bound.get("bias")])
     scale = torch.rsqrt(bound["running_var"] + bound.get("eps", 1e-5))
     if bound.get("weight") is not None:
         scale = scale * bound["weight"]
     return tangent * scale.reshape(-1, *([1] * (out.dim() - 2)))
-
-
-def _dropout(tangents, out, args, kwargs):
-    names = ("input", "p", "training", "inplace")
-    bound = dict(zip(names, args)) | kwargs
-    if bound.get("training", True) and bound.get("p", 0.5) > 0:
-        raise Unsupported("dropout in training mode")
-    return _first(tangents, args)
 
 
 def _binary(kind: str) -> Callable:
@@ -361,7 +351,7 @@ def _table() -> dict:
     put([torch.tanh, F.tanh, *_tensor_methods("tanh")], _tanh)
     put([torch.sigmoid, F.sigmoid, *_tensor_methods("sigmoid")], _sigmoid)
     put([F.batch_norm], _batch_norm)
-    put([F.dropout, F.dropout2d], _dropout)
+    put([F.dropout, F.dropout2d], _identity)  # without a draw: refused before the call otherwise
     put([torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
          *_tensor_methods("flatten", "reshape", "view", "squeeze", "unsqueeze")], _shaped)
     put([*_tensor_methods("contiguous", "clone"), torch.clone], _identity)
@@ -392,6 +382,37 @@ _READ_KEYWORD_TENSORS = {rule for func, rule in _RULES.items()
                          if rule.__qualname__.startswith(("_binary.", "_matmul"))}
 
 
+#: Functional activations and dropout: the position of their ``inplace`` argument.
+_INPLACE_ARGUMENT = {F.relu: 1, F.elu: 2, F.leaky_relu: 2, F.silu: 1, F.dropout: 3, F.dropout2d: 3}
+
+
+def _in_place(func, args, kwargs) -> bool:
+    if not args or not isinstance(args[0], torch.Tensor):
+        return False
+    name = getattr(func, "__name__", "")
+    if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i"):
+        return True  # relu_, add_, __iadd__, …
+    position = _INPLACE_ARGUMENT.get(func)
+    if position is None:
+        return False
+    return bool(args[position] if len(args) > position else kwargs.get("inplace", False))
+
+
+def _batch_statistics(args, kwargs) -> bool:
+    return bool(args[5] if len(args) > 5 else kwargs.get("training", False))
+
+
+def _dropout_draws(args, kwargs) -> bool:
+    training = args[2] if len(args) > 2 else kwargs.get("training", True)
+    p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+    return bool(training) and p > 0
+
+
+#: Calls refused before they run: batch norm with batch statistics (and its running-average
+#: update), dropout that draws a mask.
+_REFUSED_BEFORE = {F.batch_norm: _batch_statistics, F.dropout: _dropout_draws, F.dropout2d: _dropout_draws}
+
+
 def _differentiable(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
 
@@ -406,6 +427,16 @@ class _TangentMode(TorchFunctionMode):
         tangents = self.tangents
         if not (tangents.any_of(args) or tangents.any_of(kwargs)):
             return func(*args, **kwargs)
+        rule = _RULES.get(func)
+        # Decided before the call where the call itself would change what torch.func then reruns:
+        # an in-place op on an input-dependent tensor (the input itself, perhaps), batch
+        # statistics, a dropout draw.
+        if _in_place(func, args, kwargs):
+            if rule is None:
+                raise Unsupported(f"no tangent rule for the in-place {getattr(func, '__qualname__', func)}")
+            tangents.check_in_place(args[0])
+        if "out" in kwargs or func in _REFUSED_BEFORE and _REFUSED_BEFORE[func](args, kwargs):
+            raise Unsupported(f"{getattr(func, '__qualname__', func)} with these arguments")
         if func is F.max_pool2d:  # the primal call also gives the indices the tangent needs
             bound = dict(zip(_MAX_POOL_NAMES, args)) | kwargs
             wanted = bound.pop("return_indices", False)
@@ -417,12 +448,11 @@ class _TangentMode(TorchFunctionMode):
             raise Unsupported(f"no tangent rule for {getattr(func, '__qualname__', func)} (returns several tensors)")
         if not _differentiable(out):
             return out  # sizes, comparisons, indices: nothing to differentiate
-        rule = _RULES.get(func)
         if rule is None:
             raise Unsupported(f"no tangent rule for {getattr(func, '__qualname__', func)}")
         if tangents.any_of(kwargs) and rule not in _READ_KEYWORD_TENSORS:
             raise Unsupported(f"{getattr(func, '__qualname__', func)} with an input-dependent keyword argument")
-        if args and out is args[0] and rule not in (_identity, _dropout):
+        if args and out is args[0] and rule is not _identity:
             tangents.check_in_place(out)
         try:
             tangent = rule(tangents, out, args, kwargs)
