@@ -253,7 +253,7 @@ LAYERS = [
     {"distributed"},
     {"engine"},
     {"stratified"},
-    {"lie.tangents", "lie.forward_mode", "lie.derivative", "lie.liegg", "widgets.data", "widgets.figures", "widgets.export",
+    {"lie.tangents", "lie.tangent_rules", "lie.forward_mode", "lie.derivative", "lie.liegg", "widgets.data", "widgets.figures", "widgets.export",
      "widgets.explorer"},
     {"cli"},  # the command line may import everything; nothing imports it but ``python -m tmlib``
     {"__main__"},
