@@ -128,6 +128,13 @@ def _batch_norm(tangents, out, args, kwargs):
     return tangent * scale.reshape(-1, *([1] * (out.dim() - 2)))
 
 
+def _sum_of(terms: list, k: int, out: torch.Tensor) -> torch.Tensor:
+    """The two-argument rules' sum of the terms whose argument depends on the input, as [k, *out.shape]."""
+    present = [t for t in terms if t is not None]
+    total = present[0] if len(present) == 1 else present[0] + present[1]
+    return total.expand(k, *out.shape)
+
+
 def _binary(kind: str) -> Callable:
     def rule(tangents, out, args, kwargs):
         a, b = args[0], args[1] if len(args) > 1 else kwargs["other"]
@@ -143,9 +150,7 @@ def _binary(kind: str) -> Callable:
             terms = [None if ta is None else ta * b, None if tb is None else tb * a]
         else:  # div: d(a / b) = da / b − db · (a / b) / b
             terms = [None if ta is None else ta / b, None if tb is None else -tb * (out / b)]
-        terms = [t for t in terms if t is not None]
-        total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-        return total.expand(tangents.k, *out.shape)
+        return _sum_of(terms, tangents.k, out)
 
     return rule
 
@@ -244,9 +249,7 @@ def _matmul(tangents, out, args, kwargs):
     ta, tb = tangents.get(a), tangents.get(b)
     # [k, ...] tangents broadcast against the other factor's batch dimensions
     terms = [None if ta is None else ta @ b, None if tb is None else a @ tb]
-    terms = [t for t in terms if t is not None]
-    total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-    return total.expand(tangents.k, *out.shape)
+    return _sum_of(terms, tangents.k, out)
 
 
 def max_pool2d(tangents, out, x, indices):
@@ -266,12 +269,16 @@ def _tensor_methods(*names: str) -> list:
     return [getattr(torch.Tensor, n) for n in names if hasattr(torch.Tensor, n)]
 
 
-def _table() -> dict:
+def _table() -> tuple[dict, set]:
+    """The rule of each function, and the rules that read an input-dependent ``other=`` keyword."""
     table: dict[Any, Callable] = {}
+    reads_other: set = set()
 
-    def put(funcs, rule):
+    def put(funcs, rule, other=False):
         for f in funcs:
             table[f] = rule
+        if other:
+            reads_other.add(rule)
 
     put([F.linear], _linear)
     put([F.conv1d, torch.conv1d], _conv(F.conv1d))
@@ -297,7 +304,7 @@ def _table() -> dict:
                         ("sub", ("sub", "__sub__", "sub_", "__isub__")),
                         ("mul", ("mul", "__mul__", "__rmul__", "mul_", "__imul__")),
                         ("div", ("div", "__truediv__", "div_", "__itruediv__"))):
-        put([getattr(torch, kind), *_tensor_methods(*names)], _binary(kind))
+        put([getattr(torch, kind), *_tensor_methods(*names)], _binary(kind), other=True)
     put(_tensor_methods("__rsub__"), _rsub)
     put([torch.neg, *_tensor_methods("neg", "__neg__")], _neg)
     put([torch.sum, *_tensor_methods("sum")], _reduction("sum"))
@@ -307,14 +314,11 @@ def _table() -> dict:
     put([torch.rot90, *_tensor_methods("rot90")], _rot90)
     put([torch.cat, torch.concat], _joined(stack=False))
     put([torch.stack], _joined(stack=True))
-    put([torch.matmul, *_tensor_methods("matmul", "__matmul__")], _matmul)
-    return table
+    put([torch.matmul, *_tensor_methods("matmul", "__matmul__")], _matmul, other=True)
+    return table, reads_other
 
 
-RULES = _table()
-#: Rules that read an input-dependent ``other=`` keyword themselves.
-READ_KEYWORD_TENSORS = {rule for func, rule in RULES.items()
-                         if rule.__qualname__.startswith(("_binary.", "_matmul"))}
+RULES, READ_KEYWORD_TENSORS = _table()
 
 
 #: Functional activations and dropout: the position of their ``inplace`` argument.
