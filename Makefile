@@ -38,6 +38,9 @@ bench: env data
 	$(PYTHON) benchmarks/bench_geed.py
 	$(PYTHON) benchmarks/bench_jackknife.py
 	$(PYTHON) benchmarks/bench_distributed.py
+	$(PYTHON) benchmarks/bench_lie.py
+	$(PYTHON) benchmarks/bench_pooling.py
+	$(PYTHON) benchmarks/bench_explorer.py
 
 lint: env
 	$(VENV)/bin/ruff check tmlib tests benchmarks

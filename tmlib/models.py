@@ -25,6 +25,7 @@ from torch import nn
 
 from .activations import leaf_modules, observe, split_call_name
 from .equivariant import SteerableCNN
+from .pooling import MaxPool2d
 
 __all__ = [
     "EXTRA_MODELS",
@@ -164,7 +165,7 @@ def _simple_conv_trunk(
         channels = out
         if pool_after:
             # Both variants use the same 2x2 window, so sizes and names match.
-            pool = (nn.MaxPool2d(2) if pooling == "max"
+            pool = (MaxPool2d(2) if pooling == "max"
                     else nn.Conv2d(channels, channels, 2, stride=2))
             net.add_module(f"pool{i}", pool)
             size //= 2
@@ -301,7 +302,7 @@ class VGG16D(_Model):
                 self.add_module(f"conv{i}", nn.Conv2d(channels, out, 3, padding=1))
                 self.add_module(f"act{i}", _ACTIVATIONS[activation]())
                 channels, i = out, i + 1
-            self.add_module(f"pool{i - 1}", nn.MaxPool2d(2))
+            self.add_module(f"pool{i - 1}", MaxPool2d(2))
             size //= 2
         self.flatten = nn.Flatten()
         hidden = 8 * c
