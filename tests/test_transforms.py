@@ -145,20 +145,28 @@ def test_the_sampling_tables_give_grid_samples_numbers_bit_for_bit(fill, monkeyp
     monkeypatch.setattr(warp_kernels, "warp_planes", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     gen = torch.Generator().manual_seed(3)
     hard = T.combined(rotation=T.rotations(4), scale=T.scales(n_down=1, n_up=1), translation=T.translations())
-    for mats, (h, w) in ((T.rotations(25).matrices, (28, 28)), (hard.matrices[::5], (9, 14)), (T.c4().matrices, (7, 7))):
+    # Content moved off the map by whole and fractional pixels on every side (pixels with one, two
+    # or all four neighbours outside), and shrunk to a few pixels.
+    far = torch.eye(3, dtype=torch.float64).repeat(6, 1, 1)
+    far[:, :2, 2] = torch.tensor([[0.31, 0.0], [-0.55, 0.13], [0.05, 1.7], [-1.93, -0.4], [2.2, -2.1], [0.0, 0.0]])
+    far[5, 0, 0] = far[5, 1, 1] = 0.2
+    cases = ((T.rotations(25).matrices, (28, 28)), (hard.matrices[::5], (9, 14)), (T.c4().matrices, (7, 7)),
+             (far, (8, 11)))
+    for mats, (h, w) in cases:
         x = torch.randn(4, 3, h, w, generator=gen)
         x[0, 1, h // 2, w // 3] = float("nan")  # non-finite values travel as grid_sample moves them
         x[2, 0, 1, 1] = float("inf")
+        x[1, 2, 0, 0] = x[3, 1, h - 1, w - 1] = float("nan")  # at the corners, beside the zero border
         pairs = torch.stack([torch.stack([warp(x[i : i + 1], mats[j], fill)[0] for j in range(len(mats))])
                              for i in range(len(x))])
         got = warp_all(x, mats, fill)
-        assert torch.equal(got.isnan(), pairs.isnan()) and got.isnan().any()
+        assert torch.equal(got.isnan(), pairs.isnan()) and (got.isnan().any() or mats is far)
         assert torch.equal(got.nan_to_num(), pairs.nan_to_num())
         y = torch.randn(2, len(mats), 3, h, w, generator=gen)
         each = torch.stack([torch.stack([warp(y[i, j : j + 1], mats[j], fill)[0] for j in range(len(mats))])
                             for i in range(len(y))])
         assert torch.equal(warp_each(y, mats, fill), each)
-    assert warp_kernels.available(x) and len(calls) == 6
+    assert warp_kernels.available(x) and len(calls) == 8
     # Where the tables cannot reproduce grid_sample (or for float64, grads, other devices), the warps
     # stay with grid_sample: the same numbers, by the reference path.
     assert not warp_kernels.available(x.double()) and not warp_kernels.available(x.requires_grad_())
@@ -168,6 +176,6 @@ def test_the_sampling_tables_give_grid_samples_numbers_bit_for_bit(fill, monkeyp
     x = torch.randn(2, 3, 6, 6, generator=gen)
     assert torch.equal(warp_all(x, T.rotations(5).matrices, fill), torch.stack(
         [torch.stack([warp(x[i : i + 1], m, fill)[0] for m in T.rotations(5).matrices]) for i in range(2)]))
-    assert len(calls) == 6
+    assert len(calls) == 8
     with pytest.raises(ValueError, match=r"y must have shape \[b, m, C, H, W\] and matrices \[m, 3, 3\]"):
         warp_each(torch.zeros(2, 3, 1, 4, 4), T.rotations(4).matrices)

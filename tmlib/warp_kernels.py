@@ -13,16 +13,25 @@ adds, one plane (H·W values of one map, in L1) at a time, in parallel over plan
 Same numbers as ``grid_sample``, bit for bit: the weights are formed with the arithmetic of its
 CPU kernel (``x = (g + 1)·W/2 − 0.5`` as one fused multiply-add, ``w = x − ⌊x⌋``, ``nw = (1 − w_y)
 (1 − w_x)``…, then ``nw·v_nw``, ``+ ne·v_ne``, ``+ sw·v_sw``, ``+ se·v_se`` as a chain of fused
-multiply-adds, an outside neighbour reading 0). Whether a torch build fuses them depends on the
+multiply-adds, an outside neighbour reading 0). A table holds, per output pixel, only the index of
+its north-west neighbour in the plane copied into a zero border and its two distances (12 bytes);
+the other three neighbours are the next index and the two below it, and the four weights are formed
+in the kernel by the same float32 operations (the border's zeros are what grid_sample adds for an
+outside neighbour). Whether a torch build fuses them depends on the
 CPU kernel it dispatches to, so the first use compares both forms with ``grid_sample`` on a test
 warp and keeps the one that agrees exactly; where neither does, the warps stay with
 ``grid_sample`` (as they do for float64, tensors that need grad, and other devices).
 
 Measured (2 cores, 25 rotations, 10 samples, one call, grid_sample → tables): [10, 16, 28, 28]
 8.6 → 6.8 ms, [10, 32, 14, 14] 9.3 → 3.4 ms, [10, 64, 7, 7] 5.1 → 1.7 ms; building the tables of
-25 rotations at 28×28 costs 3 ms, once a session. Tried and not kept: the fused multiply-adds
+25 rotations at 28×28 costs 3 ms, once a session. With four indices and four weights a pixel (32
+bytes, the tables of 25 rotations at 28×28 627 kB: past L2 for every plane) → the bordered plane's
+one index and two distances (12 bytes, 235 kB), median of 30 calls, two runs on a later machine:
+8.2–8.3 → 5.3–5.5 ms, 3.0–4.6 → 2.7–2.8 ms, 2.3–2.4 → 1.3–1.4 ms; bit for bit the same. Tried and not kept: the fused multiply-adds
 emulated in float64 (exact products) instead of LLVM's ``fma``: 10.1 ms at 28×28, slower than
-grid_sample; tables outermost (one table in L1, the planes streaming): 7.8–9.7 ms at 28×28.
+grid_sample; tables outermost (one table in L1, the planes streaming): 7.8–9.7 ms at 28×28;
+four planes per table read (the weights formed once for four planes): 3.9–5.4 → 5.4–7.3 ms at
+28×28 (the loop over planes is not vectorised); int16 indices: within noise.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from .jit import HAVE_NUMBA, numba
 
 __all__ = ["available", "grid_sample_all", "sampling_table", "warp_planes"]
 
-_TABLES: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
+_TABLES: OrderedDict[tuple, tuple[Any, Any, Any]] = OrderedDict()
 _LOCK = threading.Lock()  # the explorer's background pass and the notebook's thread share the tables
 _CHECK = threading.Lock()  # the one check of the arithmetic
 _MAX_TABLES = 64  # (matrices, H, W) sets of one session: a few per layer size and transformation set
@@ -58,30 +67,38 @@ if HAVE_NUMBA:
         return a(a, b, c), codegen
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _warp_kernel(x, index, weight, out, inner, fused):  # pragma: no cover
-        # x [B, P] planes; index/weight [m, P, 4]. inner = 0: out [m, B, P], every plane by every
-        # table; else out [1, B, P], plane q by table (q // inner) % m. Plane-major: a plane,
-        # copied with a trailing 0 (what an outside neighbour reads: index P), stays in L1 while
-        # its tables stream past.
-        planes, size = x.shape
-        tables = index.shape[0]
+    def _warp_kernel(x, base, right, down, out, inner, fused, h, w):  # pragma: no cover
+        # x [B, H·W] planes; base/right/down [m, H·W]. inner = 0: out [m, B, H·W], every plane by
+        # every table; else out [1, B, H·W], plane q by table (q // inner) % m. Plane-major: a
+        # plane, copied into a zero border (one column each side, one row above, two below: what
+        # an outside neighbour reads), stays in L1 while its tables stream past. A pixel's four
+        # neighbours are base, base + 1, base + W + 2 and base + W + 3 of the bordered plane; its
+        # weights are formed from (right, down) with the same float32 operations as _build's.
+        planes = x.shape[0]
+        size = h * w
+        wp = w + 2
+        tables = base.shape[0]
+        one = np.float32(1)
         for q in numba.prange(planes):
-            xs = np.empty(size + 1, dtype=x.dtype)
-            xs[:size] = x[q]
-            xs[size] = 0
+            xs = np.zeros((h + 3) * wp, dtype=x.dtype)
+            for r in range(h):
+                xs[(r + 1) * wp + 1 : (r + 1) * wp + 1 + w] = x[q, r * w : (r + 1) * w]
             first = (q // inner) % tables if inner else 0
             last = first + 1 if inner else tables
             for j in range(first, last):
                 o = out[0, q] if inner else out[j, q]
-                ij = index[j]
-                wj = weight[j]
+                bj = base[j]
+                rj = right[j]
+                dj = down[j]
                 for p in range(size):
+                    k = bj[p]
+                    east, south = rj[p], dj[p]
+                    west, north = one - east, one - south
+                    nw, ne, sw, se = north * west, north * east, south * west, south * east
                     if fused:
-                        o[p] = _fma(xs[ij[p, 3]], wj[p, 3], _fma(xs[ij[p, 2]], wj[p, 2],
-                                    _fma(xs[ij[p, 1]], wj[p, 1], xs[ij[p, 0]] * wj[p, 0])))
+                        o[p] = _fma(xs[k + wp + 1], se, _fma(xs[k + wp], sw, _fma(xs[k + 1], ne, xs[k] * nw)))
                     else:
-                        o[p] = ((xs[ij[p, 0]] * wj[p, 0] + xs[ij[p, 1]] * wj[p, 1])
-                                + xs[ij[p, 2]] * wj[p, 2]) + xs[ij[p, 3]] * wj[p, 3]
+                        o[p] = ((xs[k] * nw + xs[k + 1] * ne) + xs[k + wp] * sw) + xs[k + wp + 1] * se
 
 
 def _unnormalise(g: torch.Tensor, size: int, fused: bool) -> torch.Tensor:
@@ -91,23 +108,20 @@ def _unnormalise(g: torch.Tensor, size: int, fused: bool) -> torch.Tensor:
     return (g + 1) * (size / 2) - 0.5
 
 
-def _build(theta: torch.Tensor, h: int, w: int, fused: bool) -> tuple[Any, Any]:
+def _build(theta: torch.Tensor, h: int, w: int, fused: bool) -> tuple[Any, Any, Any]:
     grid = F.affine_grid(theta.float(), [len(theta), 1, h, w], align_corners=False)
     x, y = _unnormalise(grid[..., 0], w, fused), _unnormalise(grid[..., 1], h, fused)
     west, north = x.floor(), y.floor()
     right, down = x - west, y - north  # distances to the west and north neighbours
-    left, up = 1 - right, 1 - down
-    size = h * w
+    # The north-west neighbour in the plane with a zero border (W + 2 wide, a row above, two
+    # below): a pixel with any neighbour inside reads it there; one with all four outside reads
+    # four border zeros (row H + 1), as grid_sample adds nothing for them.
     columns, rows = west.long(), north.long()
-    index = []
-    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):  # nw, ne, sw, se
-        cx, cy = columns + dx, rows + dy
-        inside = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
-        index.append(torch.where(inside, cy * w + cx, size))
-    weight = torch.stack([up * left, up * right, down * left, down * right], -1)
-    shape = (len(theta), size, 4)
-    return (torch.stack(index, -1).reshape(shape).to(torch.int32).numpy().copy(),
-            weight.reshape(shape).numpy().copy())
+    near = (columns >= -1) & (columns <= w - 1) & (rows >= -1) & (rows <= h - 1)
+    base = torch.where(near, (rows + 1) * (w + 2) + columns + 1, (h + 1) * (w + 2))
+    shape = (len(theta), h * w)
+    return (base.reshape(shape).to(torch.int32).numpy().copy(), right.reshape(shape).numpy().copy(),
+            down.reshape(shape).numpy().copy())
 
 
 def grid_sample_all(planes: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
@@ -121,10 +135,11 @@ def grid_sample_all(planes: torch.Tensor, matrices: torch.Tensor) -> torch.Tenso
                          align_corners=False)
 
 
-def sampling_table(matrices: torch.Tensor, h: int, w: int, fused: bool) -> tuple[Any, Any]:
-    """(index int32 [m, H·W, 4], weight float32 [m, H·W, 4]) of content-mapping matrices [m, 3, 3]
-    on an H×W map: the four neighbours (nw, ne, sw, se; H·W = outside) of each output pixel and
-    their bilinear weights, by ``fused`` or plain arithmetic. Kept for the session (a few dozen sets)."""
+def sampling_table(matrices: torch.Tensor, h: int, w: int, fused: bool) -> tuple[Any, Any, Any]:
+    """(base int32, right float32, down float32), each [m, H·W], of content-mapping matrices
+    [m, 3, 3] on an H×W map: for each output pixel its north-west neighbour in the map with a zero
+    border (:func:`_build`) and its distances to the west and north neighbours, by ``fused`` or
+    plain arithmetic. Kept for the session (a few dozen sets)."""
     matrices = torch.as_tensor(matrices, dtype=torch.float64).cpu()
     key = (matrices.numpy().tobytes(), h, w, fused)
     with _LOCK:
@@ -141,13 +156,13 @@ def sampling_table(matrices: torch.Tensor, h: int, w: int, fused: bool) -> tuple
 
 def _warp(x: torch.Tensor, matrices: torch.Tensor, inner: int, fused: bool) -> torch.Tensor:
     planes, h, w = x.shape
-    index, weight = sampling_table(matrices, h, w, fused)
-    m = len(index)
+    base, right, down = sampling_table(matrices, h, w, fused)
+    m = len(base)
     if inner and planes % (m * inner):
         raise ValueError(f"x: {planes} maps are not [b, {m}, {inner}]")
     out = torch.empty((planes, h, w) if inner else (m, planes, h, w), dtype=x.dtype)
     flat = out.view(1 if inner else m, planes, h * w)
-    _warp_kernel(x.reshape(planes, h * w).contiguous().numpy(), index, weight, flat.numpy(), inner, fused)
+    _warp_kernel(x.reshape(planes, h * w).contiguous().numpy(), base, right, down, flat.numpy(), inner, fused, h, w)
     return out
 
 
