@@ -103,3 +103,11 @@ def test_the_models_pool_with_it():
     for model in (models.SimpleConv(), models.VGG16D(base_filters=4, image_size=32)):
         pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
         assert pools and all(isinstance(m, pooling.MaxPool2d) for m in pools)
+
+
+def test_without_torchs_private_checks_torchs_kernel_runs(monkeypatch, fast_calls):
+    monkeypatch.setattr(pooling, "_LEVEL", None)  # as on a torch release without them
+    x = _awkward((2, 3, 6, 6), torch.float32)
+    with torch.no_grad():
+        got = pooling.MaxPool2d(2)(x)
+    assert torch.equal(got.nan_to_num(), F.max_pool2d(x, 2).nan_to_num()) and fast_calls == []

@@ -32,12 +32,19 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
                          torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
 
 
+# torch's own tests of "a mode or transform is active" are private: without them (another torch
+# release) the four maxima are never taken, and torch's kernel runs as in nn.MaxPool2d.
+_MODE_ENABLED = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+_LEVEL = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
+_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
 def _values_only(x: torch.Tensor) -> bool:
     """Nothing but the output's values is asked of this call (see the module docstring)."""
+    if _MODE_ENABLED is None or _LEVEL is None or _WRAPPED is None:
+        return False
     return (x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
-            and not torch._C._is_torch_function_mode_enabled()
-            and torch._C._functorch.maybe_current_level() is None
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+            and not _MODE_ENABLED() and _LEVEL() is None and not _WRAPPED(x))
 
 
 class MaxPool2d(nn.MaxPool2d):
