@@ -39,7 +39,7 @@ bench: env data
 	$(PYTHON) benchmarks/bench_jackknife.py
 	$(PYTHON) benchmarks/bench_distributed.py
 	$(PYTHON) benchmarks/bench_lie.py
-	$(PYTHON) benchmarks/bench_pooling.py
+	$(PYTHON) benchmarks/bench_layers.py
 	$(PYTHON) benchmarks/bench_explorer.py
 
 lint: env

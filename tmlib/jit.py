@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["HAVE_NUMBA", "numba"]
+__all__ = ["HAVE_NUMBA", "fma", "numba"]
 
 if "NUMBA_NUM_THREADS" not in os.environ and os.environ.get("OMP_NUM_THREADS", "").isdigit():
     os.environ["NUMBA_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
@@ -33,3 +33,14 @@ try:
 except ImportError:  # pragma: no cover - exercised only in broken installs
     numba = None
     HAVE_NUMBA = False
+
+fma = None
+if HAVE_NUMBA:
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def fma(typingctx, a, b, c):  # pragma: no cover - compiled into the kernels
+        """a·b + c rounded once, in a numba kernel (LLVM's fma: one instruction where the CPU has it)."""
+        def codegen(context, builder, signature, args):
+            return builder.fma(*args)
+        return a(a, b, c), codegen

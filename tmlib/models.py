@@ -25,7 +25,7 @@ from torch import nn
 
 from .activations import leaf_modules, observe, split_call_name
 from .equivariant import SteerableCNN
-from .pooling import MaxPool2d
+from .fast_layers import ELU, MaxPool2d
 
 __all__ = [
     "EXTRA_MODELS",
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "elu": nn.ELU,
+    "elu": ELU,  # nn.ELU, faster where only values are asked for (tmlib.fast_layers)
     "relu": nn.ReLU,
     "prelu": nn.PReLU,
     "silu": nn.SiLU,  # Swish (x·sigmoid(x)): the activation of LieGG's MLPs

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .jit import HAVE_NUMBA, numba
+from .jit import HAVE_NUMBA, fma, numba
 
 __all__ = ["available", "grid_sample_all", "sampling_table", "warp_planes"]
 
@@ -57,14 +57,6 @@ _ARITHMETIC: str | None = None
 
 if HAVE_NUMBA:
     import numpy as np
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def _fma(typingctx, a, b, c):  # pragma: no cover - compiled into the kernel
-        """a·b + c rounded once (LLVM's fma: one instruction where the CPU has it)."""
-        def codegen(context, builder, signature, args):
-            return builder.fma(*args)
-        return a(a, b, c), codegen
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _warp_kernel(x, base, right, down, out, inner, fused, h, w):  # pragma: no cover
@@ -96,7 +88,7 @@ if HAVE_NUMBA:
                     west, north = one - east, one - south
                     nw, ne, sw, se = north * west, north * east, south * west, south * east
                     if fused:
-                        o[p] = _fma(xs[k + wp + 1], se, _fma(xs[k + wp], sw, _fma(xs[k + 1], ne, xs[k] * nw)))
+                        o[p] = fma(xs[k + wp + 1], se, fma(xs[k + wp], sw, fma(xs[k + 1], ne, xs[k] * nw)))
                     else:
                         o[p] = ((xs[k] * nw + xs[k + 1] * ne) + xs[k + wp] * sw) + xs[k + wp + 1] * se
 
