@@ -8,6 +8,10 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= quick
 PYTEST_ARGS ?=
+# glibc keeps the forwards' large freed blocks instead of unmapping them (see tmlib/allocator.py):
+# 1.3-1.5x faster passes, each process keeping its peak memory.
+export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
+export MALLOC_TRIM_THRESHOLD_ ?= 2147483647
 
 .PHONY: env data test reproduce bench lint lock clean
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from tmlib import data, models, transforms, widgets
+from tmlib import data, keep_freed_blocks, models, transforms, widgets
 
 CANVASES: list = []  # the explorer's canvases, rendered after each action as the browser would ask
 
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
+    keep_freed_blocks()  # as the explorer's notebook does (tmlib.experiments.Notebook)
     torch.manual_seed(0)
     x = data.load("mnist", "test", n=args.n)
     checkpoints = {}

@@ -243,7 +243,7 @@ def test_atomic_writes_are_fsynced_files_of_mode_0644(tmp_path, monkeypatch):
 # Lower layers never import higher ones. The facades (tmlib, tmlib.measures, tmlib.widgets, tmlib.lie)
 # sit above everything they re-export.
 LAYERS = [
-    {"paths", "files", "checks", "stats", "jit"},
+    {"paths", "files", "checks", "stats", "jit", "allocator"},
     {"results", "warps", "warp_kernels", "activations", "devices", "adapters"},
     {"transforms"},
     {"measures.states", "measures.functional", "measures.base"},

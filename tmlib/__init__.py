@@ -2,10 +2,12 @@
 
 Submodules: ``transforms`` (affine sets and exact groups), ``activations`` (observe any layer),
 ``measures`` (``evaluate``, ``collect`` and the measures), ``results``, ``stats`` (jackknife
-intervals, paired differences, seeds), ``models``, ``data``, ``train``.
+intervals, paired differences, seeds), ``models``, ``data``, ``train``; :func:`keep_freed_blocks`
+(glibc keeps the forwards' large blocks: faster passes, peak memory kept).
 """
 
 from . import activations, measures, results, transforms
+from .allocator import keep_freed_blocks
 from .measures import NormalizedVariance, SampleVariance, TransformationVariance, evaluate
 from .results import MeasureResult
 
@@ -17,6 +19,7 @@ __all__ = [
     "results",
     "transforms",
     "evaluate",
+    "keep_freed_blocks",
     "MeasureResult",
     "TransformationVariance",
     "SampleVariance",

@@ -26,6 +26,7 @@ from torch import nn
 
 from . import data, models, transforms
 from . import measures as M
+from .allocator import keep_freed_blocks
 from .devices import resolve_device
 from .distributed import init_from_environment, rank_device
 from .experiments.zoo import ModelSpec, build_model
@@ -438,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0, or 2 for a bad argument)."""
     parser = build_parser()
+    keep_freed_blocks()  # a process of tmlib's own: the forwards reuse their blocks (tmlib.allocator)
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0) or a bad argument (2), already reported

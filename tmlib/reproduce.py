@@ -31,6 +31,7 @@ from typing import Any
 
 import pandas as pd
 
+from .allocator import keep_freed_blocks
 from .paths import resolve
 from .results import atomic_write
 
@@ -316,6 +317,7 @@ _current: dict[str, str | None] = {"stage": None, "notebook": None}
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_blocks()  # training and measuring here (the notebooks' kernels do it themselves)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="quick", choices=PROFILES)
     parser.add_argument("--force", action="store_true", help="rerun notebooks already finished")

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..allocator import keep_freed_blocks
 from ..paths import resolve
 from .claims import Claims
 from .design import Design
@@ -47,6 +48,7 @@ class Notebook:
         self.check_claims, self.progress = check_claims, progress
         self.device = device
         self.claims = Claims(name, profile, self.figures, enforce=check_claims)
+        keep_freed_blocks()  # the kernel is the notebook's: its passes reuse their blocks (tmlib.allocator)
 
     # ------------------------------------------------------------------ experiment
     def design(self, **parameters: Any) -> Design:
