@@ -11,8 +11,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Five no_grad forwards of SimpleConv on 250 images (its convolutions' outputs: 25 MB each); the
-# page faults of the last four counted (the first one maps the memory either way).
+# Eleven no_grad forwards of SimpleConv on 250 images (its convolutions' outputs: 25 MB each); the
+# page faults of the last ten counted (the first one maps the memory either way).
 PROGRAM = """
 import json, resource, sys
 import torch
@@ -24,7 +24,7 @@ model, x = models.SimpleConv().eval(), torch.randn(250, 1, 28, 28)
 with torch.no_grad():
     model(x)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):
+    for _ in range(10):
         model(x)
 print(json.dumps({"kept": kept, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
 """
@@ -42,11 +42,13 @@ def _faults(mode: str) -> dict:
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     default, kept = _faults("default"), _faults("keep")
     block = 250 * 32 * 28 * 28 * 4 // 4096  # pages of one convolution's output
-    # glibc unmaps freed blocks: every forward faults its ≈ 4.7 blocks in anew (measured 105–116k)
-    assert default["faults"] > 12 * block
+    # glibc unmaps freed blocks: the forwards fault blocks in anew (measured 49k over four forwards
+    # on one machine, 290k over ten on another)
+    assert default["faults"] > 10 * block
     assert kept["kept"] is True
-    # the heap's blocks are reused (measured 0–14k: the threads' own arenas still fault a little)
-    assert kept["faults"] < 4 * block
+    # the heap's blocks are reused (measured 0–14k, the same for four or ten forwards: the threads'
+    # own arenas still fault a little at first)
+    assert kept["faults"] < 3 * block
 
 
 def test_without_glibc_nothing_changes(monkeypatch):
