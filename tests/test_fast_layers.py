@@ -169,8 +169,17 @@ def test_elu_kernel_edge_cases_signs_alpha_and_arguments():
         assert int(_ulps(got.nan_to_num(), want.nan_to_num()).max()) <= 1, alpha
     with pytest.raises(ValueError, match="x: a float32 CPU tensor"):
         fast_layers.elu_float32(x.double())
-    with pytest.raises(ValueError, match="out: a float32 tensor of x's shape"):
+    with pytest.raises(ValueError, match="out: a float32 CPU tensor of x's shape"):
         fast_layers.elu_float32(x, out=torch.empty(3))
+    # a strided `out` (written through a copy) is checked too, before anything is written
+    strided = torch.zeros(2 * x.numel())[::2]
+    assert not strided.is_contiguous()
+    with pytest.raises(ValueError, match="out: a float32 CPU tensor of x's shape"):
+        fast_layers.elu_float32(x, out=torch.zeros(2 * x.numel(), 2)[:, 0])
+    with pytest.raises(ValueError, match="got torch.float64"):
+        fast_layers.elu_float32(x, out=torch.zeros(x.numel(), 2, dtype=torch.float64)[:, 0])
+    into = fast_layers.elu_float32(x, out=strided)
+    assert into is strided and torch.equal(into.isnan(), F.elu(x).isnan())
 
 
 @pytest.mark.skipif(not fast_layers.HAVE_NUMBA, reason="the kernel needs numba")

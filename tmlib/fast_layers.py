@@ -139,10 +139,14 @@ def elu_float32(x: torch.Tensor, alpha: float = 1.0, out: torch.Tensor | None = 
         raise RuntimeError("elu_float32 needs numba (tmlib's pinned dependency); use torch.nn.functional.elu")
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"x: a float32 CPU tensor is needed, got {x.dtype} on {x.device}")
+    # `out` is checked before choosing where to write: a strided `out` is written through a copy,
+    # which must not hide a wrong shape, dtype or device.
+    if out is not None and (out.shape != x.shape or out.dtype != torch.float32 or out.device.type != "cpu"):
+        raise ValueError(
+            f"out: a float32 CPU tensor of x's shape {list(x.shape)} is needed, got {out.dtype} {list(out.shape)} on {out.device}"
+        )
     source = x.detach().contiguous()
     target = torch.empty_like(source) if out is None or not out.is_contiguous() else out
-    if target.shape != x.shape or target.dtype != torch.float32:
-        raise ValueError(f"out: a float32 tensor of x's shape {list(x.shape)} is needed, got {target.dtype} {list(target.shape)}")
     _elu_kernel(source.view(-1).numpy(), target.detach().view(-1).numpy(), np.float32(alpha))
     if out is not None and target is not out:
         out.copy_(target)
