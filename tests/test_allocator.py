@@ -46,9 +46,11 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     # on one machine, 290k over ten on another)
     assert default["faults"] > 10 * block
     assert kept["kept"] is True
-    # the heap's blocks are reused (measured 0–14k, the same for four or ten forwards: the threads'
-    # own arenas still fault a little at first)
-    assert kept["faults"] < 3 * block
+    # the heap's blocks are reused: a few blocks' worth of faults over the ten forwards, however
+    # many forwards (the threads' own arenas still fault a little at first; measured 0–4 blocks,
+    # 0–24.5k, against 29–66 blocks for the default on the same machine)
+    assert kept["faults"] < 6 * block
+    assert kept["faults"] * 5 < default["faults"]
 
 
 def test_without_glibc_nothing_changes(monkeypatch):
