@@ -58,15 +58,21 @@ if _HAVE_NUMBA:
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _update_kernel(x, shift, s1, s2, tile):  # pragma: no cover
         # x [b, P] (float32 or float64); Σ (x − K) and Σ (x − K)² added in float64, one read of x.
+        # Slices indexed from 0: an index from the tile's start, which LLVM cannot prove
+        # non-negative (numba wraps negative indices), kept this loop scalar. Bit-identical.
         b, p = x.shape
         for t in numba.prange((p + tile - 1) // tile):
             f0 = t * tile
             f1 = min(p, f0 + tile)
+            centre = shift[f0:f1]
+            t1 = s1[f0:f1]
+            t2 = s2[f0:f1]
             for i in range(b):
-                for f in range(f0, f1):
-                    d = np.float64(x[i, f]) - shift[f]
-                    s1[f] += d
-                    s2[f] += d * d
+                row = x[i, f0:f1]
+                for f in range(f1 - f0):
+                    d = np.float64(row[f]) - centre[f]
+                    t1[f] += d
+                    t2[f] += d * d
 
 
 _TILE = 1024  # vector entries per parallel work item of _update_kernel
