@@ -125,10 +125,17 @@ if numba_available():
             norms[i] = np.sqrt(s)
         total = np.zeros(d)
         for t in numba.prange((d + tile - 1) // tile):
+            # slices indexed from 0, so that LLVM loads whole vectors (an index from the tile's
+            # start, which it cannot prove non-negative, kept the loop scalar); bit-identical
+            f0 = t * tile
+            f1 = min(d, f0 + tile)
+            part = total[f0:f1]
             for i in range(b):
                 if norms[i] > 0.0:
-                    for f in range(t * tile, min(d, (t + 1) * tile)):
-                        total[f] += np.float64(a[i, f]) / norms[i]
+                    row = a[i, f0:f1]
+                    norm = norms[i]
+                    for f in range(f1 - f0):
+                        part[f] += np.float64(row[f]) / norm
         sq, zeros = 0.0, 0
         for i in range(b):
             if norms[i] > 0.0:
