@@ -13,6 +13,7 @@ from tmlib import activations
 from tmlib import transforms as T
 from tmlib.equivariant import SteerableCNN, group_elements
 from tmlib.measures import (
+    DistanceSameEquivariance,
     GEEDEquivariance,
     GEEDInvariance,
     GEEDOutputKL,
@@ -261,7 +262,7 @@ def test_bad_input_names_the_argument(geed_cnn):
 
 
 # ---------------------------------------------------------------- the fused CPU kernels against the torch ops
-from tmlib.measures import geed_kernels  # noqa: E402
+from tmlib.measures import geed, geed_kernels  # noqa: E402
 from tmlib.measures.moments import numba_available  # noqa: E402
 
 
@@ -305,13 +306,53 @@ def test_pair_products_read_the_warps_strided_view_as_its_copy(monkeypatch):
     ts = T.rotations(5)
     view = ts.apply(x, contiguous=False)
     assert not view.is_contiguous() and torch.equal(view, ts.apply(x))
-    # A latent-equivariance pass under sampled rotations takes that path (a spy on the kernel).
+    # A latent-equivariance pass under sampled rotations that shares its warps with DSES takes that
+    # path (a spy on the kernel); alone, it warps inside the kernel and stores no warps.
     calls = []
     kernel = geed_kernels._pair_kernel
     monkeypatch.setattr(geed_kernels, "_pair_kernel", lambda a, e, outer: calls.append(outer) or kernel(a, e, outer))
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU()).eval()
-    evaluate(model, torch.rand(4, 1, 9, 9), ts, GEEDEquivariance(), progress=False)
+    evaluate(model, torch.rand(4, 1, 9, 9), ts, [GEEDEquivariance(), DistanceSameEquivariance()], progress=False)
     assert calls and all(calls)
+    calls.clear()
+    evaluate(model, torch.rand(4, 1, 9, 9), ts, GEEDEquivariance(), progress=False)
+    assert not calls
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+@pytest.mark.parametrize("shape", [(3, 9, 13), (2, 7, 7), (1, 28, 28)])
+def test_warps_inside_the_pair_kernel_give_the_stored_warps_numbers(monkeypatch, shape):
+    # The kernel that warps f(x)'s maps as it adds the products gives, bit for bit, the pair
+    # products of the block with ts.apply's warps (the same float32 warps, the same running sums).
+    gen = torch.Generator().manual_seed(4)
+    ts = T.rotations(7)
+    identity = ts.identity_index()
+    block = torch.randn(5, len(ts), *shape, generator=gen)
+    block[1] = 0.0  # an all-zero sample: its warps are zero too
+    block[2, :, 0] = block[2, identity, 0]  # a map that is the same under every rotation
+    warps = ts.apply(block[:, identity], contiguous=False)
+    want = geed_kernels.pair_products(block.reshape(5, len(ts), -1), warps.reshape(5, len(ts), -1), True)
+    got = geed_kernels.warped_pair_products(block, identity, ts)
+    assert got is not None
+    for g, w in zip(got, want):
+        assert g.shape == (5, len(ts)) and torch.equal(g, w)
+    # Where the tables do not give ts.apply's numbers: None, and the caller warps as before.
+    assert geed_kernels.warped_pair_products(block.double(), identity, ts) is None
+    assert geed_kernels.warped_pair_products(block[:, :4], 0, T.c4()) is None  # an exact set's own apply
+    # A whole pass: the same results whichever way the warps are formed.
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ELU(), nn.Conv2d(3, 2, 3, padding=1)).eval()
+    x = torch.rand(6, 1, *shape[1:], generator=gen)
+    measures = [GEEDEquivariance(), GEEDEquivariance(metric="euclidean")]
+    used = []
+    real = geed.warped_pair_products
+    monkeypatch.setattr(geed, "warped_pair_products", lambda *args: used.append(real(*args)) or used[-1])
+    fused = evaluate(model, x, ts, measures, progress=False, batch_size=4)
+    assert len(used) == 3 * 2 and all(u is not None for u in used)  # 3 layers × 2 batches, all in the kernel
+    monkeypatch.setattr(geed, "warped_pair_products", lambda *args: None)
+    stored = evaluate(model, x, ts, measures, progress=False, batch_size=4)
+    for name in fused:
+        for layer in fused[name].layer_names:
+            np.testing.assert_array_equal(fused[name][layer], stored[name][layer])
 
 
 @pytest.mark.skipif(not numba_available(), reason="numba is not installed")

@@ -58,6 +58,17 @@ _ARITHMETIC: str | None = None
 if HAVE_NUMBA:
     import numpy as np
 
+    @numba.njit(inline="always")
+    def bilinear(xs, k, east, south, wp, fused):  # pragma: no cover - inlined into the kernels
+        # One output pixel from the bordered plane xs: its north-west neighbour k, distances
+        # (east, south) to it, in grid_sample's float32 arithmetic (fused or plain).
+        one = np.float32(1)
+        west, north = one - east, one - south
+        nw, ne, sw, se = north * west, north * east, south * west, south * east
+        if fused:
+            return fma(xs[k + wp + 1], se, fma(xs[k + wp], sw, fma(xs[k + 1], ne, xs[k] * nw)))
+        return ((xs[k] * nw + xs[k + 1] * ne) + xs[k + wp] * sw) + xs[k + wp + 1] * se
+
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _warp_kernel(x, base, right, down, out, inner, fused, h, w):  # pragma: no cover
         # x [B, H·W] planes; base/right/down [m, H·W]. inner = 0: out [m, B, H·W], every plane by
@@ -70,7 +81,6 @@ if HAVE_NUMBA:
         size = h * w
         wp = w + 2
         tables = base.shape[0]
-        one = np.float32(1)
         for q in numba.prange(planes):
             xs = np.zeros((h + 3) * wp, dtype=x.dtype)
             for r in range(h):
@@ -83,14 +93,7 @@ if HAVE_NUMBA:
                 rj = right[j]
                 dj = down[j]
                 for p in range(size):
-                    k = bj[p]
-                    east, south = rj[p], dj[p]
-                    west, north = one - east, one - south
-                    nw, ne, sw, se = north * west, north * east, south * west, south * east
-                    if fused:
-                        o[p] = fma(xs[k + wp + 1], se, fma(xs[k + wp], sw, fma(xs[k + 1], ne, xs[k] * nw)))
-                    else:
-                        o[p] = ((xs[k] * nw + xs[k + 1] * ne) + xs[k + wp] * sw) + xs[k + wp + 1] * se
+                    o[p] = bilinear(xs, bj[p], rj[p], dj[p], wp, fused)
 
 
 def _unnormalise(g: torch.Tensor, size: int, fused: bool) -> torch.Tensor:
@@ -158,11 +161,17 @@ def _warp(x: torch.Tensor, matrices: torch.Tensor, inner: int, fused: bool) -> t
     return out
 
 
+def fused_arithmetic() -> bool:
+    """Whether the tables' warps use fused multiply-adds (the form that reproduces grid_sample here,
+    once :func:`available` has checked)."""
+    return _ARITHMETIC == "fused"
+
+
 def warp_planes(x: torch.Tensor, matrices: torch.Tensor, inner: int = 0) -> torch.Tensor:
     """Maps x [B, H, W] (float32, CPU) warped by matrices [m, 3, 3], outside = 0. ``inner = 0``:
     every map by every matrix, [m, B, H, W]. ``inner = k``: map q by matrix (q // k) % m, [B, H, W]
     (x ordered [b, m, k]: slice j of each sample by matrix j). Only where :func:`available` says so."""
-    return _warp(x, matrices, inner, _ARITHMETIC == "fused")
+    return _warp(x, matrices, inner, fused_arithmetic())
 
 
 def _agrees(fused: bool) -> bool:

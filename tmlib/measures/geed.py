@@ -64,7 +64,7 @@ from ..results import MeasureResult
 from ..transforms import apply_uncopied, identity_index
 from .base import LayerInfo, LayerValue, Measure, PassContext, StatSpec
 from .functional import cosine_from_products, cosine_similarity
-from .geed_kernels import orbit_products, pair_products, unit_sums
+from .geed_kernels import orbit_products, pair_products, unit_sums, warped_pair_products
 from .moments import use_numba
 from .states import ShiftedMoments, SumState
 
@@ -235,6 +235,9 @@ class LatentEquivarianceState(SumState):
         if self.action is None:
             return  # no action defined on this layer: skipped
         b, m = block.shape[:2]
+        fused = self.fused and self.spatial_ts is not None  # warps formed inside the kernel, never stored
+        if fused and (products := warped_pair_products(block, self.identity, self.spatial_ts)) is not None:
+            return self.pairs.add_products(*products)
         expected = self.action(block[:, self.identity])
         if tuple(expected.shape) != tuple(block.shape):
             raise ValueError(

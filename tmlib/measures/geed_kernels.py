@@ -16,23 +16,38 @@ without reordering them: 13.4 ms for a [16, 16, 25088] block (0.48 G values/s) a
 invariance alone) the kernel fell from 0.68 to ≈ 0.2 s beside 2 s of forwards. The pair kernel
 keeps running sums: the Euclidean latent G-EED reads ‖a − e‖² from ‖a‖² + ‖e‖² − 2a·e, which
 cancels where a ≈ e, so a new summation order moves it by up to 1e-9 (the golden values hold the
-old order). Whole-pass ratios: benchmarks/bench_geed.py (see README, "Speed"); the torch ops
+old order). Latent equivariance under a warped set (``rotations(25)``…, the spatial action) had
+the m warps of every map of f(x) written by :mod:`tmlib.warp_kernels` and read back by the pair
+kernel: b·m·D float32 values out to memory and in again. :func:`warped_pair_products` forms each
+warped value where the products need it, from the map in L1, with the same arithmetic and the same
+running sums (bit-identical): 20-27 % less than the warps and the pair kernel for one block (median
+of 40, 25 rotations, 10 samples: [16, 28, 28] 6.13 → 4.96 ms, [32, 14, 14] 2.52 → 2.00 ms, [64, 7,
+7] 1.58 → 1.15 ms), a G-EED pass of SimpleConv(16) on 500 × 25 rotations 2.65-3.22 → 2.30-2.32 s
+(two runs each, side by side). The kernel is bound by its scalar instructions (the table loads,
+four neighbours, the weights): vectorised partial sums did not beat it (see the kernel's comment).
+Whole-pass ratios: benchmarks/bench_geed.py (see README, "Speed"); the torch ops
 stay the path on other devices and the reference the kernels are tested against
 (tests/test_harness.py: numba vs torch).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
+from .. import warp_kernels
+from ..transforms import TransformationSet
 from .moments import numba_available
 from .states import numpy_view
 
 if numba_available():  # moments.py already chose numba's threading layer; the torch ops below
     import numba  # are the fallback and the GPU path
 
-__all__ = ["orbit_products", "pair_products", "unit_sums"]
+    from ..warp_kernels import bilinear
+
+__all__ = ["orbit_products", "pair_products", "unit_sums", "warped_pair_products"]
 
 _TILE = 256  # vector entries per tile: m × 256 float32 stay in L1 for the paper's m ≤ 25
 
@@ -113,6 +128,51 @@ if numba_available():
 
 
     @numba.njit(parallel=True, cache=True, nogil=True)
+    def _warped_pair_kernel(a, identity, base, right, down, fused, h, w):  # pragma: no cover
+        # a: [b, m, C·H·W] float32, the block f(g_j·x_i); its identity column holds the maps of
+        # f(x_i). Returns a·e, ‖a‖², ‖e‖² ([b·m], float64) for e = g_j·f(x_i), the warp of f(x_i)'s
+        # maps by table j (base/right/down [m, H·W]: warp_kernels' tables and arithmetic, so the
+        # float32 values ts.apply gives), formed pixel by pixel and used at once, never stored.
+        # Per (i, j) the same running sums over D in the same order as _pair_kernel: bit for bit
+        # its results on the stored warps. A sample's maps, one at a time in a zero border, stay
+        # in L1 while the m tables stream past. Tried and not kept (2 cores, AVX-512): partial
+        # sums per position ("lanes", vectorised) with the warps gathered, or warped into an L1
+        # buffer first: no faster (LLVM's gathers lose to scalar loads here, and the loop over
+        # positions then pays the buffer); four tables at a time (twelve independent sums): the
+        # same time, so the scalar instructions, not the additions' latency, set it.
+        b, m, d = a.shape
+        size = h * w
+        wp = w + 2
+        ae = np.zeros(b * m)
+        aa = np.zeros(b * m)
+        ee = np.zeros(b * m)
+        for i in numba.prange(b):
+            xs = np.zeros((h + 3) * wp, dtype=a.dtype)  # the border stays zero
+            for c in range(d // size):
+                plane = a[i, identity, c * size : (c + 1) * size]
+                for r in range(h):
+                    xs[(r + 1) * wp + 1 : (r + 1) * wp + 1 + w] = plane[r * w : (r + 1) * w]
+                for j in range(m):
+                    row = a[i, j, c * size : (c + 1) * size]
+                    bj = base[j]
+                    rj = right[j]
+                    dj = down[j]
+                    k = i * m + j
+                    s_ae = ae[k]
+                    s_aa = aa[k]
+                    s_ee = ee[k]
+                    for p in range(size):
+                        x = np.float64(row[p])
+                        y = np.float64(bilinear(xs, bj[p], rj[p], dj[p], wp, fused))
+                        s_ae += x * y
+                        s_aa += x * x
+                        s_ee += y * y
+                    ae[k] = s_ae
+                    aa[k] = s_aa
+                    ee[k] = s_ee
+        return ae, aa, ee
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
     def _unit_kernel(a, tile):  # pragma: no cover
         # a: [b, D]. Returns Σ_i a_i/‖a_i‖ ([D], zero rows left out), Σ_i ‖u_i‖², the zero rows.
         b, d = a.shape
@@ -176,6 +236,31 @@ def pair_products(a: torch.Tensor, e: torch.Tensor, fused: bool) -> tuple[torch.
     a, e = a.to(torch.float64), e.to(torch.float64)
     return (torch.einsum("...d,...d->...", a, e), torch.einsum("...d,...d->...", a, a),
             torch.einsum("...d,...d->...", e, e))
+
+
+def warped_pair_products(block: torch.Tensor, identity: int, ts: Any
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """For a block [b, m, C, H, W] of f(g_j·x_i): :func:`pair_products` of it and g_j·f(x_i), the
+    maps of its identity column warped by ``ts`` (``ts.apply``, zero fill), [b, m] each, without
+    forming the warps: one kernel reads the block once, warps each map of f(x_i) from L1 and adds
+    the products as it goes, bit for bit the numbers of ``pair_products(block, ts.apply(block[:,
+    identity]))`` (the same warp values, the same running sums).
+    None where that path does not apply: ``ts`` not warped by its matrices (an exact set's own
+    ``apply``), the block not float32 on the CPU, or the warp tables unavailable there
+    (:func:`tmlib.warp_kernels.available`)."""
+    if (not numba_available() or block.dim() < 4 or not isinstance(ts, TransformationSet)
+            or type(ts).apply is not TransformationSet.apply or not warp_kernels.available(block)):
+        return None
+    b, m = block.shape[:2]
+    h, w = block.shape[-2:]
+    view = numpy_view(block.reshape(b, m, -1).contiguous())
+    if view is None:
+        return None
+    base, right, down = warp_kernels.sampling_table(ts.matrices, h, w, warp_kernels.fused_arithmetic())
+    if len(base) != m:
+        raise ValueError(f"ts has {len(base)} transformations, the block {m}")
+    sums = _warped_pair_kernel(view, identity, base, right, down, warp_kernels.fused_arithmetic(), h, w)
+    return tuple(torch.from_numpy(t).reshape(b, m) for t in sums)
 
 
 def unit_sums(a: torch.Tensor, fused: bool) -> tuple[torch.Tensor, float, int]:
