@@ -445,9 +445,35 @@ def test_dses_and_geed_latent_equivariance_share_one_set_of_warps(monkeypatch, f
     shared = warps.count(False)
     alone = [next(iter(evaluate(model, x, ts, [m], batch_size=4, progress=False).values())) for m in measures]
     blocks, layers = 2, 3
-    assert shared == 2 * blocks * layers  # the second DSES (normalised) warps on its own
-    # alone, each warps on its own; G-EED's kernel forms its warps without ts.apply where it can read the block
-    assert warps.count(False) - shared == (2 if fused else 3) * blocks * layers
+    # G-EED and the first DSES share one set of stored warps; where the kernels can read the block
+    # (fused), every other state forms t_j F(x_i) inside its kernel, without ts.apply
+    assert shared == (1 if fused else 2) * blocks * layers
+    assert warps.count(False) - shared == (0 if fused else 3) * blocks * layers
     for result, single in zip(together.values(), alone):
         for layer in ("0", "1", "2"):
             np.testing.assert_array_equal(np.asarray(result[layer]), np.asarray(single[layer]))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("ts, shape", [(T.rotations(5), (3, 7, 10)), (T.c4(), (2, 6, 6)), (T.flips(), (2, 6, 6)),
+                                   (T.cyclic_shifts([(0, 0), (2, 1), (-3, 4)], 8), (2, 8, 8))],
+                         ids=["rot5", "c4", "flips", "shifts"])
+def test_moved_maps_inside_the_distance_kernel_give_the_stored_maps_numbers(monkeypatch, ts, shape, normalize):
+    # DSES's kernel that moves F(x_i)'s maps as it reads the block: bit for bit the kernel on the
+    # stored t_j F(x_i) (the same float32 values, the same sums), for warped and exact sets.
+    from tmlib import warp_kernels
+    from tmlib.measures.moments import numba_available
+    from tmlib.measures.se_kernels import map_distance_sums, warped_distance_sums
+
+    if not numba_available():
+        pytest.skip("numba not installed: only the torch ops run")
+    g = torch.Generator().manual_seed(6)
+    identity = ts.identity_index()
+    y = torch.randn(4, len(ts), *shape, generator=g)
+    y[0, :, 1] = 0.0  # an all-zero map (stays zero when normalised)
+    y[1, :, 0] = y[1, identity, 0]  # a map the same under every transformation
+    monkeypatch.setattr(warp_kernels, "_ARITHMETIC", None)  # as in a new process: no warp checked yet
+    moved = warped_distance_sums(y, identity, ts, normalize)
+    stored = map_distance_sums(y, ts.apply(y[:, identity], contiguous=False), normalize, fused=True)
+    assert moved is not None and moved.shape == (shape[0],) and torch.equal(moved, stored)
+    assert warped_distance_sums(y.double(), identity, ts, normalize) is None  # float64: the stored path

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tmlib import activations
+from tmlib import activations, warp_kernels
 from tmlib import transforms as T
 from tmlib.equivariant import SteerableCNN, group_elements
 from tmlib.measures import (
@@ -319,26 +319,35 @@ def test_pair_products_read_the_warps_strided_view_as_its_copy(monkeypatch):
     assert not calls
 
 
+class _OwnApply(T.TransformationSet):
+    def apply(self, x, fill=0.0, contiguous=True):  # a set with its own apply: not the tables' warps
+        return super().apply(x, fill, contiguous)
+
+
 @pytest.mark.skipif(not numba_available(), reason="numba is not installed")
-@pytest.mark.parametrize("shape", [(3, 9, 13), (2, 7, 7), (1, 28, 28)])
-def test_warps_inside_the_pair_kernel_give_the_stored_warps_numbers(monkeypatch, shape):
-    # The kernel that warps f(x)'s maps as it adds the products gives, bit for bit, the pair
-    # products of the block with ts.apply's warps (the same float32 warps, the same running sums).
+@pytest.mark.parametrize("ts, shape", [
+    (T.rotations(7), (3, 9, 13)), (T.rotations(7), (2, 7, 7)), (T.rotations(7), (1, 28, 28)),
+    (T.c4(), (3, 9, 9)), (T.d4(), (2, 6, 6)), (T.cyclic_shifts([(0, 0), (2, 1), (-3, 4)], 8), (2, 8, 8)),
+], ids=["rot7-9x13", "rot7-7x7", "rot7-28x28", "c4", "d4", "shifts"])
+def test_warps_inside_the_pair_kernel_give_the_stored_warps_numbers(monkeypatch, ts, shape):
+    # The kernel that moves f(x)'s maps as it adds the products gives, bit for bit, the pair
+    # products of the block with ts.apply's maps (the same float32 values, the same running sums):
+    # bilinear warps from the tables, or an exact set's pixels.
     gen = torch.Generator().manual_seed(4)
-    ts = T.rotations(7)
     identity = ts.identity_index()
     block = torch.randn(5, len(ts), *shape, generator=gen)
     block[1] = 0.0  # an all-zero sample: its warps are zero too
-    block[2, :, 0] = block[2, identity, 0]  # a map that is the same under every rotation
-    warps = ts.apply(block[:, identity], contiguous=False)
-    want = geed_kernels.pair_products(block.reshape(5, len(ts), -1), warps.reshape(5, len(ts), -1), True)
+    block[2, :, 0] = block[2, identity, 0]  # a map that is the same under every transformation
+    monkeypatch.setattr(warp_kernels, "_ARITHMETIC", None)  # as in a new process: no warp checked yet
     got = geed_kernels.warped_pair_products(block, identity, ts)
+    moved = ts.apply(block[:, identity], contiguous=False)
+    want = geed_kernels.pair_products(block.reshape(5, len(ts), -1), moved.reshape(5, len(ts), -1), True)
     assert got is not None
     for g, w in zip(got, want):
         assert g.shape == (5, len(ts)) and torch.equal(g, w)
-    # Where the tables do not give ts.apply's numbers: None, and the caller warps as before.
+    # Where the kernel would not give ts.apply's numbers: None, and the caller moves the maps as before.
     assert geed_kernels.warped_pair_products(block.double(), identity, ts) is None
-    assert geed_kernels.warped_pair_products(block[:, :4], 0, T.c4()) is None  # an exact set's own apply
+    assert geed_kernels.warped_pair_products(block, identity, _OwnApply(ts.matrices)) is None
     # A whole pass: the same results whichever way the warps are formed.
     model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ELU(), nn.Conv2d(3, 2, 3, padding=1)).eval()
     x = torch.rand(6, 1, *shape[1:], generator=gen)

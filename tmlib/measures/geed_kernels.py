@@ -23,7 +23,8 @@ warped value where the products need it, from the map in L1, with the same arith
 running sums (bit-identical): 20-27 % less than the warps and the pair kernel for one block (median
 of 40, 25 rotations, 10 samples: [16, 28, 28] 6.13 → 4.96 ms, [32, 14, 14] 2.52 → 2.00 ms, [64, 7,
 7] 1.58 → 1.15 ms), a G-EED pass of SimpleConv(16) on 500 × 25 rotations 2.65-3.22 → 2.30-2.32 s
-(two runs each, side by side). The kernel is bound by its scalar instructions (the table loads,
+(two runs each, side by side). Exact sets (``c4()``, ``d4()``, flips, cyclic shifts) take the
+same kernel with a table of source pixels instead of weights. The kernel is bound by its scalar instructions (the table loads,
 four neighbours, the weights): vectorised partial sums did not beat it (see the kernel's comment).
 Whole-pass ratios: benchmarks/bench_geed.py (see README, "Speed"); the torch ops
 stay the path on other devices and the reference the kernels are tested against
@@ -37,9 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import warp_kernels
-from ..transforms import TransformationSet
 from .moments import numba_available
+from .moved_maps import map_tables
 from .states import numpy_view
 
 if numba_available():  # moments.py already chose numba's threading layer; the torch ops below
@@ -128,11 +128,12 @@ if numba_available():
 
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _warped_pair_kernel(a, identity, base, right, down, fused, h, w):  # pragma: no cover
+    def _warped_pair_kernel(a, identity, base, right, down, fused, exact, h, w):  # pragma: no cover
         # a: [b, m, C·H·W] float32, the block f(g_j·x_i); its identity column holds the maps of
         # f(x_i). Returns a·e, ‖a‖², ‖e‖² ([b·m], float64) for e = g_j·f(x_i), the warp of f(x_i)'s
         # maps by table j (base/right/down [m, H·W]: warp_kernels' tables and arithmetic, so the
-        # float32 values ts.apply gives), formed pixel by pixel and used at once, never stored.
+        # float32 values ts.apply gives), formed pixel by pixel and used at once, never stored;
+        # with ``exact``, base[j, p] is where output pixel p comes from, copied (an exact set).
         # Per (i, j) the same running sums over D in the same order as _pair_kernel: bit for bit
         # its results on the stored warps. A sample's maps, one at a time in a zero border, stay
         # in L1 while the m tables stream past. Tried and not kept (2 cores, AVX-512): partial
@@ -163,7 +164,10 @@ if numba_available():
                     s_ee = ee[k]
                     for p in range(size):
                         x = np.float64(row[p])
-                        y = np.float64(bilinear(xs, bj[p], rj[p], dj[p], wp, fused))
+                        if exact:  # an exact set moves pixels: the source pixel itself
+                            y = np.float64(xs[bj[p]])
+                        else:
+                            y = np.float64(bilinear(xs, bj[p], rj[p], dj[p], wp, fused))
                         s_ae += x * y
                         s_aa += x * x
                         s_ee += y * y
@@ -241,25 +245,19 @@ def pair_products(a: torch.Tensor, e: torch.Tensor, fused: bool) -> tuple[torch.
 def warped_pair_products(block: torch.Tensor, identity: int, ts: Any
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """For a block [b, m, C, H, W] of f(g_j·x_i): :func:`pair_products` of it and g_j·f(x_i), the
-    maps of its identity column warped by ``ts`` (``ts.apply``, zero fill), [b, m] each, without
-    forming the warps: one kernel reads the block once, warps each map of f(x_i) from L1 and adds
-    the products as it goes, bit for bit the numbers of ``pair_products(block, ts.apply(block[:,
-    identity]))`` (the same warp values, the same running sums).
-    None where that path does not apply: ``ts`` not warped by its matrices (an exact set's own
-    ``apply``), the block not float32 on the CPU, or the warp tables unavailable there
-    (:func:`tmlib.warp_kernels.available`)."""
-    if (not numba_available() or block.dim() < 4 or not isinstance(ts, TransformationSet)
-            or type(ts).apply is not TransformationSet.apply or not warp_kernels.available(block)):
-        return None
+    maps of its identity column moved by ``ts`` (``ts.apply``, zero fill), [b, m] each, without
+    storing them: one kernel reads the block once, moves each map of f(x_i) from L1
+    (:mod:`.moved_maps`) and adds the products as it goes, bit for bit the numbers of
+    ``pair_products(block, ts.apply(block[:, identity]))`` (the same values, the same running
+    sums). None where the tables cannot move the maps (:func:`~.moved_maps.map_tables`)."""
+    tables = map_tables(ts, block)
     b, m = block.shape[:2]
-    h, w = block.shape[-2:]
-    view = numpy_view(block.reshape(b, m, -1).contiguous())
+    view = numpy_view(block.reshape(b, m, -1).contiguous()) if tables is not None else None
     if view is None:
         return None
-    base, right, down = warp_kernels.sampling_table(ts.matrices, h, w, warp_kernels.fused_arithmetic())
-    if len(base) != m:
-        raise ValueError(f"ts has {len(base)} transformations, the block {m}")
-    sums = _warped_pair_kernel(view, identity, base, right, down, warp_kernels.fused_arithmetic(), h, w)
+    if len(tables.base) != m:
+        raise ValueError(f"ts has {len(tables.base)} transformations, the block {m}")
+    sums = _warped_pair_kernel(view, identity, *tables, *block.shape[-2:])
     return tuple(torch.from_numpy(t).reshape(b, m) for t in sums)
 
 

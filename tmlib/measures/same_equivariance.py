@@ -40,7 +40,7 @@ from ..transforms import apply_uncopied, identity_index
 from .base import LayerInfo, Measure, PassContext, StatSpec
 from .functional import divide_nv
 from .moments import STMoments, use_numba
-from .se_kernels import map_distance_sums
+from .se_kernels import map_distance_sums, warped_distance_sums
 from .states import SumState
 from .variance import VarianceMeasure
 
@@ -212,6 +212,10 @@ class SameEquivarianceDistanceState(SumState):
     def update(self, block: torch.Tensor) -> None:
         if not self.spatial:
             return
+        if self.fused and self.identity is not None:  # t_j F(x_i) formed inside the kernel, never stored
+            d = warped_distance_sums(_maps(block, self.layer, 2), self.identity, self.ts, self.normalize)
+            if d is not None:
+                return self._add(d, block.shape[0])
         self.consume(*self.warped(block))
 
     def warped(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,9 +233,10 @@ class SameEquivarianceDistanceState(SumState):
 
     def consume(self, y: torch.Tensor, expected: torch.Tensor) -> None:
         """Add the distances of one block: y and expected as :meth:`warped` gives them."""
-        b = y.shape[0]
-        d = map_distance_sums(y, expected, self.normalize, self.fused)  # [C']
-        self.total = d if self.total is None else self.total + d
+        self._add(map_distance_sums(y, expected, self.normalize, self.fused), y.shape[0])
+
+    def _add(self, d: torch.Tensor, b: int) -> None:
+        self.total = d if self.total is None else self.total + d  # d: [C']
         self.count += b * self.m
         self.n += b
         self.cursor += b
