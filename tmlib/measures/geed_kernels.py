@@ -255,8 +255,6 @@ def warped_pair_products(block: torch.Tensor, identity: int, ts: Any
     view = numpy_view(block.reshape(b, m, -1).contiguous()) if tables is not None else None
     if view is None:
         return None
-    if len(tables.base) != m:
-        raise ValueError(f"ts has {len(tables.base)} transformations, the block {m}")
     sums = _warped_pair_kernel(view, identity, *tables, *block.shape[-2:])
     return tuple(torch.from_numpy(t).reshape(b, m) for t in sums)
 

@@ -40,18 +40,22 @@ class MapTables(NamedTuple):
 def map_tables(ts: Any, block: torch.Tensor) -> MapTables | None:
     """The tables that move the maps of ``block`` [b, m, C, H, W] by ``ts`` as ``ts.apply`` does,
     or None where a kernel cannot: numba missing, a block that is not float32 on the CPU (or needs
-    grad), a set with its own ``apply``, or warp tables that do not reproduce grid_sample here."""
-    if not numba_available() or block.dim() < 4 or block.dtype != torch.float32 or block.device.type != "cpu":
-        return None
-    if block.requires_grad:
+    grad), a set with its own ``apply``, or warp tables that do not reproduce grid_sample here.
+    A set of another size than the block's m transformations is a ValueError."""
+    if (not numba_available() or block.dim() < 4 or block.dtype != torch.float32 or block.device.type != "cpu"
+            or block.requires_grad):
         return None
     h, w = block.shape[-2:]
     if type(ts) is ExactTransformationSet:
-        return MapTables(*_pixel_table(tuple(ts.elements), ts.size, h, w), False, True)
-    if type(ts).apply is not TransformationSet.apply or not warp_kernels.available(block):
+        tables = MapTables(*_pixel_table(tuple(ts.elements), ts.size, h, w), False, True)
+    elif type(ts).apply is not TransformationSet.apply or not warp_kernels.available(block):
         return None
-    fused = warp_kernels.fused_arithmetic()  # known once available() has checked it
-    return MapTables(*warp_kernels.sampling_table(ts.matrices, h, w, fused), fused, False)
+    else:
+        fused = warp_kernels.fused_arithmetic()  # known once available() has checked it
+        tables = MapTables(*warp_kernels.sampling_table(ts.matrices, h, w, fused), fused, False)
+    if len(tables.base) != block.shape[1]:
+        raise ValueError(f"ts has {len(tables.base)} transformations, the block {block.shape[1]}")
+    return tables
 
 
 @functools.lru_cache(maxsize=64)

@@ -116,8 +116,6 @@ def warped_distance_sums(y: torch.Tensor, identity: int, ts: Any, normalize: boo
     view = numpy_view(y.flatten(-2).contiguous()) if tables is not None else None
     if view is None:
         return None
-    if len(tables.base) != y.shape[1]:
-        raise ValueError(f"ts has {len(tables.base)} transformations, the maps {y.shape[1]}")
     return torch.from_numpy(_warped_distance_kernel(view, identity, *tables, normalize, *y.shape[-2:]))
 
 
