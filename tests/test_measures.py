@@ -18,6 +18,7 @@ from tmlib.measures import (
     SampleVariance,
     STMoments,
     TransformationVariance,
+    collect,
     evaluate,
 )
 from tmlib.results import MeasureResult
@@ -70,6 +71,9 @@ def test_compiled_moments_equal_the_eager_torch_ops(small_cnn):
     x, ts = torch.randn(11, 1, 8, 8), T.rotations(5)
     measures = ALL + [AnovaMeasure(), NormalizedDistance()]
     compiled = evaluate(small_cnn, x, ts, measures, batch_size=4, backend="compile", progress=False)
+    states = collect(small_cnn, x, ts, measures, batch_size=4, backend="compile", progress=False)
+    kinds = {key[0]: states.state(*key).backend for key in states.states if hasattr(states.state(*key), "backend")}
+    assert kinds and set(kinds.values()) == {"compile"}, kinds  # the compiled update ran, not numba
     eager = evaluate(small_cnn, x, ts, measures, batch_size=4, backend="torch", progress=False)
     for name, result in eager.items():
         for layer in result.layer_names:

@@ -98,7 +98,9 @@ def use_numba(backend: str, device: torch.device) -> bool:
     check_backend(backend)
     if backend == "numba" and (device.type != "cpu" or not _HAVE_NUMBA):
         raise ValueError("backend='numba' needs numba installed and device='cpu'")
-    return backend != "torch" and device.type == "cpu" and _HAVE_NUMBA
+    # "compile" on the CPU is inductor's C++, not numba: until this was spelled out, "compile"
+    # fell through to numba here and the compiled path was never run on the CPU.
+    return backend in ("auto", "numba") and device.type == "cpu" and _HAVE_NUMBA
 
 
 if _HAVE_NUMBA:
@@ -202,11 +204,14 @@ if _HAVE_NUMBA:
         return out
 
 
-def _torch_update(x, shift, col_s1, col_s2, row_std_sum, row_var_sum, m: int) -> None:
-    """The block update as torch ops (x [b, m, F] float64; the sums added to in place): the
-    reference, what CUDA runs eagerly, and what ``backend="compile"`` compiles."""
+def _torch_update(block, shift, col_s1, col_s2, row_std_sum, row_var_sum, m: int) -> None:
+    """The block update as torch ops (block [b, m, F] float32 or float64; the sums added to in
+    place): the reference, what CUDA runs eagerly, and what ``backend="compile"`` compiles."""
+    # The float64 copy inside: compiled, it is fused away (the block is read once as float32);
+    # made by the caller, the compiled kernel read a float64 copy twice the block's size.
+    x = block.to(torch.float64)
     # One temporary of the block's size, squared in place: the same values as ShiftedMoments.update
-    # and r·r (bit-identical to them), with the float64 copy made by the caller: 136 → 68 ms on a
+    # and r·r (bit-identical to them), x the float64 copy of the block: 136 → 68 ms on a
     # [16, 16, 25088] float32 block, 2 cores, best of 12 side by side (numba: 5.5 ms). Subtracting
     # from the float32 block directly (type promotion, no copy) measured slower: 87 ms.
     work = x - shift
@@ -275,10 +280,9 @@ class STMoments(SumState):
         if self.backend in ("torch", "compile"):
             if above is not None:
                 raise ValueError("STMoments.update: counting needs the numba backend")
-            x = block.to(torch.float64)
-            cols.start(x[0])
+            cols.start(block[0])
             update = _torch_update if self.backend == "torch" else _compiled_update()
-            update(x, cols.shift, cols.s1, cols.s2, self.row_std_sum, self.row_var_sum, self.m)
+            update(block, cols.shift, cols.s1, cols.s2, self.row_std_sum, self.row_var_sum, self.m)
             cols.n += b
             return 0
         limit, counts = above if above is not None else (_NO_LIMIT[block.dtype], _NO_COUNTS)
