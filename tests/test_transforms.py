@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,3 +180,22 @@ def test_the_sampling_tables_give_grid_samples_numbers_bit_for_bit(fill, monkeyp
     assert len(calls) == 8
     with pytest.raises(ValueError, match=r"y must have shape \[b, m, C, H, W\] and matrices \[m, 3, 3\]"):
         warp_each(torch.zeros(2, 3, 1, 4, 4), T.rotations(4).matrices)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_weight_tables_are_the_corner_weights_of_the_sampling_tables(fused):
+    # The moved-map kernels read the four weights from a table instead of forming them per pixel:
+    # they must be the float32 products (1 − down)(1 − right), (1 − down)·right, down·(1 − right),
+    # down·right of the sampling table, bit for bit (numpy's float32 arithmetic as the reference).
+    from tmlib import warp_kernels
+
+    if not warp_kernels.HAVE_NUMBA:
+        pytest.skip("numba is not installed")
+    mats = T.rotations(7).matrices
+    base, weights = warp_kernels.weight_table(mats, 9, 13, fused)
+    want_base, right, down = warp_kernels.sampling_table(mats, 9, 13, fused)
+    one = np.float32(1)
+    want = np.stack([(one - down) * (one - right), (one - down) * right, down * (one - right), down * right])
+    assert weights.dtype == np.float32 and weights.shape == (4, 7, 9 * 13)
+    assert np.array_equal(base, want_base) and np.array_equal(weights, want)
+    assert warp_kernels.weight_table(mats, 9, 13, fused)[1] is weights  # built once a session

@@ -45,12 +45,12 @@ import torch.nn.functional as F
 
 from .jit import HAVE_NUMBA, fma, numba
 
-__all__ = ["available", "grid_sample_all", "sampling_table", "warp_planes"]
+__all__ = ["available", "grid_sample_all", "sampling_table", "warp_planes", "weight_table"]
 
 _TABLES: OrderedDict[tuple, tuple[Any, Any, Any]] = OrderedDict()
 _LOCK = threading.Lock()  # the explorer's background pass and the notebook's thread share the tables
 _CHECK = threading.Lock()  # the one check of the arithmetic
-_MAX_TABLES = 64  # (matrices, H, W) sets of one session: a few per layer size and transformation set
+_MAX_TABLES = 128  # (matrices, H, W) sets of one session, a few per layer size and set, and their weights
 # The arithmetic that reproduces grid_sample on this machine: "fused" or "plain"; "" where neither
 # does (grid_sample stays); None before the check.
 _ARITHMETIC: str | None = None
@@ -59,15 +59,36 @@ if HAVE_NUMBA:
     import numpy as np
 
     @numba.njit(inline="always")
-    def bilinear(xs, k, east, south, wp, fused):  # pragma: no cover - inlined into the kernels
-        # One output pixel from the bordered plane xs: its north-west neighbour k, distances
-        # (east, south) to it, in grid_sample's float32 arithmetic (fused or plain).
+    def corner_weights(east, south):  # pragma: no cover - inlined into the kernels
+        # The four neighbours' weights from the distances (east, south) to the north-west one, in
+        # grid_sample's float32 arithmetic: nw, ne, sw, se.
         one = np.float32(1)
         west, north = one - east, one - south
-        nw, ne, sw, se = north * west, north * east, south * west, south * east
+        return north * west, north * east, south * west, south * east
+
+    @numba.njit(inline="always")
+    def weighted(xs, k, nw, ne, sw, se, wp, fused):  # pragma: no cover - inlined into the kernels
+        # One output pixel from the bordered plane xs: its north-west neighbour k and the four
+        # weights, summed in grid_sample's float32 arithmetic (fused or plain).
         if fused:
             return fma(xs[k + wp + 1], se, fma(xs[k + wp], sw, fma(xs[k + 1], ne, xs[k] * nw)))
         return ((xs[k] * nw + xs[k + 1] * ne) + xs[k + wp] * sw) + xs[k + wp + 1] * se
+
+    @numba.njit(inline="always")
+    def bilinear(xs, k, east, south, wp, fused):  # pragma: no cover - inlined into the kernels
+        # One output pixel from the bordered plane xs: its north-west neighbour k, distances
+        # (east, south) to it, in grid_sample's float32 arithmetic (fused or plain).
+        nw, ne, sw, se = corner_weights(east, south)
+        return weighted(xs, k, nw, ne, sw, se, wp, fused)
+
+    @numba.njit(cache=True, nogil=True)
+    def _weights_kernel(right, down):  # pragma: no cover
+        # [4, m, H·W] float32: corner_weights of every entry of a sampling table.
+        out = np.empty((4,) + right.shape, dtype=right.dtype)
+        for j in range(right.shape[0]):
+            for p in range(right.shape[1]):
+                out[0, j, p], out[1, j, p], out[2, j, p], out[3, j, p] = corner_weights(right[j, p], down[j, p])
+        return out
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _warp_kernel(x, base, right, down, out, inner, fused, h, w):  # pragma: no cover
@@ -146,6 +167,28 @@ def sampling_table(matrices: torch.Tensor, h: int, w: int, fused: bool) -> tuple
                 _TABLES.popitem(last=False)
         else:
             _TABLES.move_to_end(key)
+    return table
+
+
+def weight_table(matrices: torch.Tensor, h: int, w: int, fused: bool) -> tuple[Any, Any]:
+    """(base int32 [m, H·W], weights float32 [4, m, H·W]): :func:`sampling_table` with the four
+    neighbours' weights (nw, ne, sw, se) formed once by the kernels' own arithmetic, for a kernel
+    that moves every map of a block by the same m tables (the weights then cost 4 loads a pixel
+    instead of 2 loads and 6 operations; the warp kernel itself keeps the 12-byte table). Kept
+    for the session beside the sampling tables."""
+    matrices = torch.as_tensor(matrices, dtype=torch.float64).cpu()
+    key = ("weights", matrices.numpy().tobytes(), h, w, fused)
+    with _LOCK:
+        table = _TABLES.get(key)
+        if table is not None:
+            _TABLES.move_to_end(key)
+            return table
+    base, right, down = sampling_table(matrices, h, w, fused)
+    table = (base, _weights_kernel(right, down))
+    with _LOCK:
+        _TABLES[key] = table
+        while len(_TABLES) > _MAX_TABLES:
+            _TABLES.popitem(last=False)
     return table
 
 

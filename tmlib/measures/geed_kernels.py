@@ -24,8 +24,18 @@ running sums (bit-identical): 20-27 % less than the warps and the pair kernel fo
 of 40, 25 rotations, 10 samples: [16, 28, 28] 6.13 → 4.96 ms, [32, 14, 14] 2.52 → 2.00 ms, [64, 7,
 7] 1.58 → 1.15 ms), a G-EED pass of SimpleConv(16) on 500 × 25 rotations 2.65-3.22 → 2.30-2.32 s
 (two runs each, side by side). Exact sets (``c4()``, ``d4()``, flips, cyclic shifts) take the
-same kernel with a table of source pixels instead of weights. The kernel is bound by its scalar instructions (the table loads,
-four neighbours, the weights): vectorised partial sums did not beat it (see the kernel's comment).
+same kernel with a table of source pixels instead of weights. The kernel is bound by its scalar
+instructions (the table loads, four neighbours, the weights): the four weights read from a table
+formed once (:func:`tmlib.warp_kernels.weight_table`) instead of six float32 operations a pixel:
+[10, 25, 16, 28, 28] 2.11-2.29 → 1.86-1.87 ms, [.., 32, 14, 14] 1.07-1.16 → 0.94-0.96 ms (median of
+30, two runs each, a later machine), the same bits; bench_geed `rotations(25)` 1.86-1.87 → 1.77-1.80 s.
+Tried and not kept: vectorised partial sums (see the kernel's comment); the maps transposed to
+channels innermost, so that one table entry serves a vector of channels (bilinear in vector loads,
+per-channel float64 partial sums): 2.63 ms at 16 × 28 × 28 (the transposition alone ≈ 0.8 ms, and
+the channel loop of 16-64 trips with its sums in memory no faster than the scalar loop: 1.81 ms
+without it); faster for wide maps (0.81 / 0.26 ms at 32 × 14 × 14 / 64 × 7 × 7 against the scalar
+0.94 / 0.51), but a pass's time is in its first, widest layers and it gives up the stored path's
+bits (a new summation order); two tables at a time (six independent sums): 1.95 ms.
 Whole-pass ratios: benchmarks/bench_geed.py (see README, "Speed"); the torch ops
 stay the path on other devices and the reference the kernels are tested against
 (tests/test_harness.py: numba vs torch).
@@ -45,7 +55,7 @@ from .states import numpy_view
 if numba_available():  # moments.py already chose numba's threading layer; the torch ops below
     import numba  # are the fallback and the GPU path
 
-    from ..warp_kernels import bilinear
+    from ..warp_kernels import weighted
 
 __all__ = ["orbit_products", "pair_products", "unit_sums", "warped_pair_products"]
 
@@ -128,11 +138,11 @@ if numba_available():
 
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _warped_pair_kernel(a, identity, base, right, down, fused, exact, h, w):  # pragma: no cover
+    def _warped_pair_kernel(a, identity, base, weights, fused, exact, h, w):  # pragma: no cover
         # a: [b, m, C·H·W] float32, the block f(g_j·x_i); its identity column holds the maps of
         # f(x_i). Returns a·e, ‖a‖², ‖e‖² ([b·m], float64) for e = g_j·f(x_i), the warp of f(x_i)'s
-        # maps by table j (base/right/down [m, H·W]: warp_kernels' tables and arithmetic, so the
-        # float32 values ts.apply gives), formed pixel by pixel and used at once, never stored;
+        # maps by table j (base [m, H·W], weights [4, m, H·W]: warp_kernels' tables and arithmetic,
+        # so the float32 values ts.apply gives), formed pixel by pixel and used at once, never stored;
         # with ``exact``, base[j, p] is where output pixel p comes from, copied (an exact set).
         # Per (i, j) the same running sums over D in the same order as _pair_kernel: bit for bit
         # its results on the stored warps. A sample's maps, one at a time in a zero border, stay
@@ -156,8 +166,7 @@ if numba_available():
                 for j in range(m):
                     row = a[i, j, c * size : (c + 1) * size]
                     bj = base[j]
-                    rj = right[j]
-                    dj = down[j]
+                    nw, ne, sw, se = weights[0, j], weights[1, j], weights[2, j], weights[3, j]
                     k = i * m + j
                     s_ae = ae[k]
                     s_aa = aa[k]
@@ -167,7 +176,7 @@ if numba_available():
                         if exact:  # an exact set moves pixels: the source pixel itself
                             y = np.float64(xs[bj[p]])
                         else:
-                            y = np.float64(bilinear(xs, bj[p], rj[p], dj[p], wp, fused))
+                            y = np.float64(weighted(xs, bj[p], nw[p], ne[p], sw[p], se[p], wp, fused))
                         s_ae += x * y
                         s_aa += x * x
                         s_ee += y * y

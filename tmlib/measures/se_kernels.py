@@ -16,7 +16,9 @@ each map of F(x_i) into an L1 buffer as it reads the block (:mod:`.moved_maps`),
 and sums bit for bit. One [10, 25, C, H, W] block, median of 20 calls, 2 cores: C = 32 at 28×28
 8.33 → 7.60 ms, 64 at 14×14 4.57 → 3.94 ms, 128 at 7×7 4.06 → 3.19 ms. What is left is the warp's
 scalar instructions and each map's running sum; four maps' sums at once measured no faster
-(7.35 → 7.32 ms), so one map at a time stays.
+(7.35 → 7.32 ms), so one map at a time stays. The weights read from a table formed once
+(:func:`tmlib.warp_kernels.weight_table`): [10, 25, 64, 14, 14] 2.77-3.10 → 2.60-2.62 ms, 32 at
+28×28 5.49-6.52 → 5.40-5.52 ms (median of 30, two runs each; within this machine's noise).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .states import numpy_view
 if numba_available():  # moments.py already chose numba's threading layer
     import numba
 
-    from ..warp_kernels import bilinear
+    from ..warp_kernels import weighted
 
 __all__ = ["map_distance_sums", "warped_distance_sums"]
 
@@ -79,9 +81,9 @@ if numba_available():
         return total
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _warped_distance_kernel(y, identity, base, right, down, fused, exact, normalize, h, w):  # pragma: no cover
+    def _warped_distance_kernel(y, identity, base, weights, fused, exact, normalize, h, w):  # pragma: no cover
         # _distance_kernel with e[i, j, k] = map k of y[i, identity] moved by table j (moved_maps:
-        # bilinear from warp_kernels' tables, or a source pixel copied when ``exact``), formed into
+        # bilinear from warp_kernels' weight tables, or a source pixel copied when ``exact``), formed into
         # an L1 buffer and used at once: the same values, the same sums in the same order.
         b, m, c, p = y.shape
         wp = w + 2
@@ -97,10 +99,9 @@ if numba_available():
                 for j in range(m):
                     a = y[i, j, k]
                     bj = base[j]
-                    rj = right[j]
-                    dj = down[j]
+                    nw, ne, sw, se = weights[0, j], weights[1, j], weights[2, j], weights[3, j]
                     for f in range(p):
-                        r[f] = xs[bj[f]] if exact else bilinear(xs, bj[f], rj[f], dj[f], wp, fused)
+                        r[f] = xs[bj[f]] if exact else weighted(xs, bj[f], nw[f], ne[f], sw[f], se[f], wp, fused)
                     acc += _map_distance(a, r, normalize, p)
             total[k] = acc
         return total
