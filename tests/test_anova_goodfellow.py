@@ -291,6 +291,41 @@ def test_goodfellow_counts_share_the_moments_read_exactly(monkeypatch):
     assert torch.equal(twin.count_all, counts.count_all) and torch.equal(twin.count_firing, counts.count_firing)
 
 
+@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_running_top_k_kernel_keeps_what_topk_keeps(monkeypatch, dtype):
+    # The reference pass's running top-K: one scan of each row through a small heap instead of
+    # torch.topk. Brute force: a full sort of each row. Distinct values (a permutation) make the
+    # kept positions unique too; -inf and ties are values like any other; a NaN sends the block to
+    # topk, whose NaN order the heap's comparisons would not follow.
+    gen = torch.Generator().manual_seed(11)
+    values = torch.randperm(37 * 50, generator=gen).reshape(37, 50).to(dtype) - 900
+    values[3, :20] = -math.inf
+    values[5] = 2.0  # all tied: any k of them kept, the dropped one the same value
+    for keep in (1, 2, 6, goodfellow_states._TOP_KERNEL_MAX):
+        kept, pos, dropped = goodfellow_states._top(values, keep)
+        order = values.sort(1, descending=True).values
+        assert kept.dtype == dtype and torch.equal(kept.sort(1, descending=True).values, order[:, :keep])
+        assert dropped.dtype == torch.float64 and torch.equal(dropped, order[:, keep].double())
+        assert torch.equal(values.gather(1, pos), kept)
+        distinct = [f for f in range(37) if f != 5]
+        want = torch.topk(values[distinct], keep, dim=1).indices.sort(1).values
+        assert torch.equal(pos[distinct].sort(1).values, want)
+        for g, w in zip(goodfellow_states._top(values.T.contiguous().T, keep), (kept, pos, dropped)):
+            assert torch.equal(g, w)  # read in place from the transposed pending blocks: the same
+    called = []
+    real = goodfellow_states._top_kernel
+    monkeypatch.setattr(goodfellow_states, "_top_kernel", lambda *a: called.append(1) or real(*a))
+    goodfellow_states._top(values, goodfellow_states._TOP_KERNEL_MAX + 1)  # past the limit: topk
+    assert not called
+    values[7, 30] = math.nan
+    got = goodfellow_states._top(values, 4)
+    monkeypatch.setattr(goodfellow_states, "_TOP_KERNEL_MAX", 0)  # topk for every k
+    assert len(called) == 1
+    for g, w in zip(got, goodfellow_states._top(values, 4)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
 def test_goodfellow_refuses_an_adversarial_sample_order():
     # The first 100 samples fire strongly; a top-K sized from the first block cannot keep them all.
     torch.manual_seed(8)
